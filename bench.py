@@ -1,0 +1,202 @@
+"""Training and evaluation throughput: is the input pipeline at the model's limit?
+
+    python bench.py --data-root ../shared/cfp-dataset --backbone resnet18 --img-size 112 --batch-size 14 --steps 20
+
+Measures in one process: (a) model-only training steps on a batch already in memory (the ceiling),
+(b) end-to-end training steps through the real data path (uint8 image bank -> sampling -> augmentation
+-> step), their ratio, (c) evaluation images/s, and, with --seed-baseline, the seed project's data path
+(PIL decode of both images of every pair at every step, two backbone calls per pair).
+The last line is `ratio X.XX` (end-to-end / model-only).
+"""
+import argparse
+import time
+
+import numpy as np
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from data import ImageBank, PairSet, decode_image, load_cfp, make_toy, preprocess, split_folds
+from evaluate import evaluate, extract
+from losses import build_loss
+from models import BACKBONES, build_model, pair_score
+from train import Objective
+from utils import UserError, run_cli
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", type=str, default="",
+                   help="CFP-layout folder (default: a synthetic toy dataset written to a temporary folder)")
+    p.add_argument("--arch", type=int, default=2, choices=[1, 2], help="architecture (default: 2)")
+    p.add_argument("--backbone", type=str, default="resnet18", choices=list(BACKBONES),
+                   help="backbone (default: resnet18)")
+    p.add_argument("--img-size", type=int, default=112, help="input size (default: 112)")
+    p.add_argument("--batch-size", type=int, default=14, help="pairs per step (default: 14)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default: 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--eval-images", type=int, default=512, help="images embedded for (c) (default: 512)")
+    p.add_argument("--eval-folds", type=int, nargs="+", default=None,
+                   help="also time evaluation of these folds' FF and FP pairs, decoding included: embed-once "
+                        "(evaluate.py) against embedding both images of every pair (default: off)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="CUDA mixed precision")
+    p.add_argument("--seed-baseline", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the seed's data path (default: off)")
+    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def eval_compare(model, cfp, folds, size, device, batch_size=64):
+    """Wall time of a full evaluation, JPEG decoding included: embed-once vs both images of every pair."""
+    pairs, _ = cfp.pairs(folds)
+    t = time.perf_counter()
+    bank = ImageBank(cfp, pairs[:, :2].ravel(), size, device=device if device.type == "cuda" else "cpu")
+    res = evaluate(model, bank, pairs, None, batch_size, device)
+    once = time.perf_counter() - t
+    t = time.perf_counter()
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size // 2):
+            rows = pairs[i:i + batch_size // 2]
+            x1 = torch.stack([decode_image(cfp.paths[a], size) for a in rows[:, 0]]).to(device)
+            x2 = torch.stack([decode_image(cfp.paths[b], size) for b in rows[:, 1]]).to(device)
+            scores.append(pair_score(model(preprocess(x1), preprocess(x2))).float().cpu())
+    per_pair = time.perf_counter() - t
+    assert np.allclose(torch.cat(scores).numpy(), res["scores"], atol=1e-4)  # the same numbers, both ways
+    print(f"evaluation of folds {folds}: {len(pairs)} pairs; embed-once {res['num_embedded']} images "
+          f"{once:.1f}s; per-pair {2 * len(pairs)} images {per_pair:.1f}s; embed-once / per-pair "
+          f"{once / per_pair:.2f}")
+
+
+def main(args):
+    if min(args.batch_size, args.steps, args.img_size) < 1:
+        raise UserError("--batch-size, --steps and --img-size must be positive")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    root = args.data_root
+    if not root:
+        import tempfile
+        root = tempfile.mkdtemp(prefix="toy-")
+        make_toy(root)
+    cfp = load_cfp(root)
+    pairs = PairSet(cfp.pairs(split_folds("seed")["train"])[0])
+    t = time.time()
+    bank = ImageBank(cfp, pairs.pairs[:, :2].numpy().ravel(), args.img_size,
+                     device=device if device.type == "cuda" else "cpu")
+    decode_s = time.time() - t
+
+    loss = "cosine" if args.arch == 2 else "ce"
+    model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss}).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    objective = Objective(model, build_loss(loss)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
+    use_amp = args.amp and device.type == "cuda"
+    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
+    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+    def step(inputs, target):
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            loss = objective(inputs, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    order = torch.randperm(len(pairs))
+    n = args.batch_size
+
+    def real_batch(i):
+        """The training loop's data path: gather uint8 from the bank, augment and normalise on the device."""
+        inputs, target = pairs.batch(bank, order[(i * n) % (len(order) - n):][:n], swap=True)
+        inputs = [preprocess(x.to(device, non_blocking=True), train=True).contiguous(memory_format=fmt)
+                  for x in inputs]
+        return inputs, target.to(device, non_blocking=True)
+
+    fixed = real_batch(0)
+    seed_tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandomHorizontalFlip(),
+                         T.RandomRotation(20), T.ToTensor()])
+
+    def seed_batch(i):
+        """The seed's path: PIL-decode both images of every pair, torchvision transforms, per step."""
+        idx = order[(i * n) % (len(order) - n):][:n]
+        rows = pairs.pairs[idx]
+        x1 = torch.stack([seed_tf(Image.open(cfp.paths[a]).convert("RGB")) for a in rows[:, 0]])
+        x2 = torch.stack([seed_tf(Image.open(cfp.paths[b]).convert("RGB")) for b in rows[:, 1]])
+        return (x1.to(device), x2.to(device)), rows[:, 2].to(device)
+
+    def seed_step(inputs, target):  # two backbone calls per pair, as the seed's forward did
+        x1, x2 = inputs
+        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+            f1, f2 = model(x1), model(x2)
+            loss = objective.criterion(model.compare(f1, f2), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    timings = {"model-only": [], "end-to-end": [], "seed baseline": []}
+    for i in range(args.warmup):
+        step(*fixed)
+        step(*real_batch(i))
+    # Interleave the measurements in blocks so that machine noise hits both alike.
+    block = max(1, min(5, args.steps))
+    for b in range(0, args.steps, block):
+        k = min(block, args.steps - b)
+        sync(device)
+        t = time.perf_counter()
+        for _ in range(k):
+            step(*fixed)
+        sync(device)
+        timings["model-only"].append((time.perf_counter() - t, k))
+        t = time.perf_counter()
+        for i in range(k):
+            step(*real_batch(b + i))
+        sync(device)
+        timings["end-to-end"].append((time.perf_counter() - t, k))
+        if args.seed_baseline:
+            t = time.perf_counter()
+            for i in range(k):
+                seed_step(*seed_batch(b + i))
+            sync(device)
+            timings["seed baseline"].append((time.perf_counter() - t, k))
+
+    indices = np.unique(pairs.pairs[:, :2].numpy())[:args.eval_images]
+    extract(model, bank, indices, 64, device)  # warm-up
+    sync(device)
+    t = time.perf_counter()
+    extract(model, bank, indices, 64, device)
+    sync(device)
+    eval_rate = len(indices) / (time.perf_counter() - t)
+
+    if args.eval_folds:
+        eval_compare(model, cfp, args.eval_folds, args.img_size, device)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device {name}; torch {torch.__version__}; {args.backbone} arch {args.arch} at {args.img_size}px, "
+          f"{n} pairs/step, amp {'on' if use_amp else 'off'}; {len(bank.indices)} images decoded once "
+          f"in {decode_s:.1f}s")
+    print(f"{'path':<16}{'s/step':>10}{'pairs/s':>10}{'images/s':>10}")
+    rates = {}
+    for k, v in timings.items():
+        if v:
+            per_step = sum(s for s, _ in v) / sum(c for _, c in v)
+            rates[k] = n / per_step
+            print(f"{k:<16}{per_step:>10.3f}{rates[k]:>10.1f}{2 * rates[k]:>10.1f}")
+    print(f"{'evaluation':<16}{'':>10}{'':>10}{eval_rate:>10.1f}")
+    if "seed baseline" in rates:
+        print(f"end-to-end / seed baseline: {rates['end-to-end'] / rates['seed baseline']:.2f}x")
+    print(f"ratio {rates['end-to-end'] / rates['model-only']:.2f}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,405 @@
+"""CFP (Celebrities in Frontal-Profile): protocol parsing, image cache, batches.
+
+Official layout (Sengupta et al., WACV 2016):
+
+    ROOT/Data/Images/NNN/{frontal,profile}/NN.jpg
+    ROOT/Protocol/Pair_list_F.txt, Pair_list_P.txt      "INDEX PATH", PATH relative to Protocol/
+    ROOT/Protocol/Split/{FF,FP}/01..10/{same,diff}.txt  "i,j", 1-based; FF: frontal,frontal; FP: frontal,profile
+
+Every image is decoded and resized once into a uint8 tensor; augmentation and
+normalisation then run on whole batches, on the training device.
+
+    python data.py --check DIR      summary of a dataset folder, non-zero exit on the first problem
+    python data.py --make-toy DIR   write a small synthetic dataset in the same layout
+"""
+import argparse
+import colorsys
+import hashlib
+import math
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from utils import UserError, atomic_save, run_cli
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("FF", "FP")
+NUM_FOLDS = 10
+
+
+class DataError(UserError):
+    pass
+
+
+# ---------------------------------------------------------------------------
+# Protocol
+
+
+@dataclass
+class CFP:
+    root: str
+    paths: list          # absolute image paths: the frontal list, then the profile list
+    identity: np.ndarray  # (N,) int, from the identity folder name
+    profile: np.ndarray   # (N,) bool
+    folds: dict           # fold (1-based int) -> {"FF": (P, 3), "FP": (P, 3)}, rows (a, b, same)
+
+    def pairs(self, folds, kinds=KINDS):
+        """All pairs of the given folds as (P, 3) int64 rows (a, b, same), and each row's kind."""
+        rows = [self.folds[k][kind] for k in folds for kind in kinds]
+        names = [kind for k in folds for kind in kinds for _ in self.folds[k][kind]]
+        return np.concatenate(rows), np.array(names)
+
+    def identities_of(self, folds):
+        pairs, _ = self.pairs(folds)
+        return np.unique(self.identity[pairs[:, :2]])
+
+    def images_of(self, folds):
+        """Every image of the identities that appear in the given folds."""
+        return np.flatnonzero(np.isin(self.identity, self.identities_of(folds)))
+
+
+def _read_lines(path):
+    if not os.path.isfile(path):
+        raise DataError(f"missing protocol file {path}")
+    with open(path) as f:
+        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+
+
+def _read_image_list(root, name):
+    path = os.path.join(root, "Protocol", name)
+    protocol_dir = os.path.join(root, "Protocol")
+    real_root = os.path.realpath(root)
+    paths = []
+    for n, line in _read_lines(path):
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(paths) + 1:
+            raise DataError(f"{path}:{n}: expected 'INDEX PATH' with INDEX {len(paths) + 1}, got {line!r}")
+        p = os.path.realpath(os.path.join(protocol_dir, parts[1]))
+        if os.path.commonpath([p, real_root]) != real_root:
+            raise DataError(f"{path}:{n}: {parts[1]!r} points outside the dataset root {root}")
+        paths.append(p)
+    if not paths:
+        raise DataError(f"{path} lists no images")
+    return paths
+
+
+def _read_pairs(path, n_first, n_second, offset):
+    rows = []
+    for n, line in _read_lines(path):
+        parts = line.split(",")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+            raise DataError(f"{path}:{n}: expected 'i,j' with two positive integers, got {line!r}")
+        i, j = int(parts[0]), int(parts[1])
+        if not (1 <= i <= n_first and 1 <= j <= n_second):
+            raise DataError(f"{path}:{n}: pair {i},{j} out of range (1..{n_first}, 1..{n_second})")
+        rows.append((i - 1, offset + j - 1))
+    return rows
+
+
+def load_cfp(root):
+    """Parse the protocol of a CFP-layout folder. Images are not opened here."""
+    if not root or not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is not a folder (set --data-root or $CFP_ROOT; "
+                        f"`python data.py --make-toy toy` writes a synthetic one)")
+    if not os.path.isdir(os.path.join(root, "Protocol")):
+        raise DataError(f"--data-root {root!r} has no Protocol/ folder: not a CFP-layout dataset")
+    frontal = _read_image_list(root, "Pair_list_F.txt")
+    profile = _read_image_list(root, "Pair_list_P.txt")
+    paths = frontal + profile
+    # Identity = the folder two levels above the file: Data/Images/NNN/frontal/NN.jpg
+    names = [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in paths]
+    _, identity = np.unique(names, return_inverse=True)
+    split_dir = os.path.join(root, "Protocol", "Split")
+    folds = {}
+    for k in range(1, NUM_FOLDS + 1):
+        folds[k] = {}
+        for kind in KINDS:
+            n_second, offset = (len(frontal), 0) if kind == "FF" else (len(profile), len(frontal))
+            d = os.path.join(split_dir, kind, f"{k:02d}")
+            same = _read_pairs(os.path.join(d, "same.txt"), len(frontal), n_second, offset)
+            diff = _read_pairs(os.path.join(d, "diff.txt"), len(frontal), n_second, offset)
+            folds[k][kind] = np.array([(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff],
+                                      dtype=np.int64).reshape(-1, 3)
+    return CFP(root, paths, identity.astype(np.int64),
+               np.arange(len(paths)) >= len(frontal), folds)
+
+
+def split_folds(protocol, test_fold=None):
+    """Fold numbers per role. seed: 1-6 / 7-8 / 9-10. 10fold: test K, validation K+1 (1 after 10)."""
+    if protocol == "seed":
+        return {"train": [1, 2, 3, 4, 5, 6], "val": [7, 8], "test": [9, 10]}
+    if protocol == "10fold":
+        if test_fold is None or not 1 <= test_fold <= NUM_FOLDS:
+            raise UserError(f"--protocol 10fold needs --test-fold between 1 and {NUM_FOLDS}, got {test_fold}")
+        val = test_fold % NUM_FOLDS + 1
+        train = [k for k in range(1, NUM_FOLDS + 1) if k not in (test_fold, val)]
+        return {"train": train, "val": [val], "test": [test_fold]}
+    raise UserError(f"unknown protocol {protocol!r}")
+
+
+# ---------------------------------------------------------------------------
+# Images: decode once, keep uint8
+
+
+def decode_image(path, size):
+    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
+            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+    except FileNotFoundError:
+        raise DataError(f"missing image {path}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+
+
+def _cache_file(cache_dir, paths, size):
+    h = hashlib.sha1(str(size).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return os.path.join(cache_dir, f"cfp_{size}px_{len(paths)}img_{h.hexdigest()[:16]}.pt")
+
+
+def load_images(paths, size, workers=2, cache_dir=""):
+    """Decode and resize every path once: (N, 3, size, size) uint8.
+
+    With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes and
+    the image size, so later runs skip decoding."""
+    cache = _cache_file(cache_dir, paths, size) if cache_dir else None
+    if cache and os.path.isfile(cache):
+        return torch.load(cache, weights_only=True)
+    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    # Pillow releases the GIL while decoding and resizing, so threads use every core.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i, img in enumerate(pool.map(lambda p: decode_image(p, size), paths)):
+            out[i] = img
+    if cache:
+        os.makedirs(cache_dir, exist_ok=True)
+        atomic_save(out, cache)
+    return out
+
+
+class ImageBank:
+    """The uint8 images a run needs, and the map from dataset index to row."""
+
+    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu"):
+        self.indices = np.unique(indices)
+        self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
+        self.row[self.indices] = np.arange(len(self.indices))
+        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir)
+        # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
+        self.images = images.to(device)
+
+    def __getitem__(self, dataset_indices):
+        rows = torch.as_tensor(self.row[np.asarray(dataset_indices)], device=self.images.device)
+        return self.images[rows]
+
+
+def preprocess(x, train=False):
+    """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
+    x = x.float() / 255
+    if train:
+        x = augment(x)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def augment(x, max_degrees=20.0):
+    """Random horizontal flip and rotation in [-max_degrees, max_degrees], per image, batched.
+
+    x: (B, 3, H, W) float in [0, 1]; the corners rotated in are black. Parameters come from the CPU generator so runs repeat on any device."""
+    b = x.shape[0]
+    flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)                  # (B,)
+    angle = (torch.rand(b) * 2 - 1) * math.radians(max_degrees)         # (B,)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # Output->input sampling matrix: rotation composed with a mirror of the x axis.
+    theta = torch.stack([torch.stack([flip * cos, -sin, torch.zeros(b)], 1),
+                         torch.stack([flip * sin, cos, torch.zeros(b)], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class PairSet:
+    """Pairs (a, b, same) for losses that compare two images."""
+    sampling = "pairs"
+
+    def __init__(self, pairs):
+        self.pairs = torch.as_tensor(pairs)
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def batch(self, bank, idx, swap=False):
+        a, b, same = self.pairs[idx].unbind(1)
+        if swap:  # a pair is unordered: show the decision network both orders
+            s = torch.rand(len(a)) < 0.5
+            a, b = torch.where(s, b, a), torch.where(s, a, b)
+        return (bank[a], bank[b]), same
+
+
+class ImageSet:
+    """Single images with identity labels 0..C-1, for classification (margin) losses."""
+    sampling = "images"
+
+    def __init__(self, indices, identity):
+        self.indices = torch.as_tensor(indices)
+        ids, labels = np.unique(identity[indices], return_inverse=True)
+        self.identities = ids                      # dataset identity of each class centre
+        self.labels = torch.as_tensor(labels, dtype=torch.int64)
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def num_classes(self):
+        return len(self.identities)
+
+    def batch(self, bank, idx, swap=False):
+        return (bank[self.indices[idx]],), self.labels[idx]
+
+
+# ---------------------------------------------------------------------------
+# Synthetic toy dataset
+
+
+def make_toy(out, num_ids=100, same_per_kind=25, size_range=(40, 88), seed=0):
+    """A small synthetic CFP: cartoon faces whose identity is their colours and proportions.
+
+    Nuisances (position, scale, brightness, noise, a few grayscale images) vary per image;
+    "profile" images are drawn turned sideways. Deterministic for a given seed."""
+    rng = np.random.RandomState(seed)
+    ids_per_fold = num_ids // NUM_FOLDS
+    # Identity = a distinct combination of well-separated colours and proportions.
+    hues = np.linspace(0, 1, 8, endpoint=False)
+    palette = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(h, 0.7, v)) for h in hues for v in (0.55, 0.95)]
+    combos = rng.permutation(len(palette) ** 3 * 9)[:num_ids]
+    people = []
+    for c in combos:
+        c, shape = divmod(int(c), 9)
+        c, skin = divmod(c, len(palette))
+        bg, hair = divmod(c, len(palette))
+        people.append(dict(skin=palette[skin], hair=palette[hair], bg=palette[bg],
+                           width=(0.45, 0.6, 0.75)[shape // 3], hair_h=(0.15, 0.3, 0.45)[shape % 3]))
+
+    def draw(p, profile):
+        s = rng.randint(*size_range)
+        jitter = rng.uniform(-0.08, 0.08, 2) * s
+        scale = rng.uniform(0.85, 1.1)
+        img = Image.new("RGB", (s, s), tuple(int(c) for c in p["bg"]))
+        d = ImageDraw.Draw(img)
+        w, h = p["width"] * s * scale * (0.6 if profile else 1), 0.75 * s * scale
+        cx, cy = s / 2 + jitter[0] + (0.12 * s if profile else 0), s / 2 + jitter[1]
+        box = [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
+        d.ellipse(box, fill=tuple(int(c) for c in p["skin"]))
+        d.chord([box[0], box[1], box[2], box[1] + 2 * p["hair_h"] * h], 180, 360,
+                fill=tuple(int(c) for c in p["hair"]))
+        for ex in ([cx + 0.1 * w] if profile else [cx - 0.2 * w, cx + 0.2 * w]):
+            d.ellipse([ex - 0.04 * s, cy - 0.04 * s, ex + 0.04 * s, cy + 0.04 * s], fill=(20, 20, 20))
+        a = np.asarray(img, dtype=np.float32) * rng.uniform(0.9, 1.1) + rng.normal(0, 8, (s, s, 3))
+        img = Image.fromarray(a.clip(0, 255).astype(np.uint8))
+        return img.convert("L") if rng.rand() < 0.01 else img
+
+    frontal, profile = [], []
+    for i, p in enumerate(people):
+        for kind, count, store in (("frontal", 10, frontal), ("profile", 4, profile)):
+            d = os.path.join(out, "Data", "Images", f"{i + 1:03d}", kind)
+            os.makedirs(d, exist_ok=True)
+            for n in range(1, count + 1):
+                draw(p, kind == "profile").save(os.path.join(d, f"{n:02d}.jpg"), quality=90)
+                store.append(f"../Data/Images/{i + 1:03d}/{kind}/{n:02d}.jpg")
+    os.makedirs(os.path.join(out, "Protocol"), exist_ok=True)
+    for name, lst in (("Pair_list_F.txt", frontal), ("Pair_list_P.txt", profile)):
+        with open(os.path.join(out, "Protocol", name), "w") as f:
+            f.writelines(f"{n} {p}\n" for n, p in enumerate(lst, 1))
+    with open(os.path.join(out, "Data", "list_name.txt"), "w") as f:
+        f.writelines(f"Synthetic person {i + 1:03d}\n" for i in range(num_ids))
+
+    def sample(fold_ids, kind, same):
+        """Distinct 1-based (i, j) pairs: frontal,frontal (FF) or frontal,profile (FP)."""
+        n_second = 10 if kind == "FF" else 4
+        rows = set()
+        while len(rows) < same_per_kind:
+            a = rng.choice(fold_ids)
+            b = a if same else rng.choice([x for x in fold_ids if x != a])
+            i, j = rng.randint(10), rng.randint(n_second)
+            if kind == "FF" and same and i == j:
+                continue
+            rows.add((a * 10 + i + 1, b * n_second + j + 1))
+        return sorted(rows)
+
+    for k in range(NUM_FOLDS):
+        fold_ids = list(range(k * ids_per_fold, (k + 1) * ids_per_fold))
+        for kind in KINDS:
+            d = os.path.join(out, "Protocol", "Split", kind, f"{k + 1:02d}")
+            os.makedirs(d, exist_ok=True)
+            for name, same in (("same.txt", True), ("diff.txt", False)):
+                with open(os.path.join(d, name), "w") as f:
+                    f.writelines(f"{i},{j}\n" for i, j in sample(fold_ids, kind, same))
+    with open(os.path.join(out, "Readme.txt"), "w") as f:
+        f.write("SYNTHETIC toy dataset in the CFP layout, written by `python data.py --make-toy`.\n"
+                "These are drawn cartoon faces, not photographs of people. Numbers measured on it say\n"
+                "nothing about real face verification; use it to try the pipeline without a download.\n"
+                f"{num_ids} identities, 10 frontal + 4 profile images each, 10 identity-disjoint folds,\n"
+                f"{same_per_kind} same + {same_per_kind} diff pairs per fold for FF and for FP.\n")
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def check(root, workers):
+    cfp = load_cfp(root)
+    n_front = int((~cfp.profile).sum())
+    print(f"dataset      {root}")
+    print(f"identities   {len(np.unique(cfp.identity))}")
+    print(f"images       {n_front} frontal, {len(cfp.paths) - n_front} profile")
+    for k, kinds in cfp.folds.items():
+        counts = "  ".join(f"{kind} {int(p[:, 2].sum())} same / {int((1 - p[:, 2]).sum())} diff"
+                           for kind, p in kinds.items())
+        print(f"fold {k:02d}      {counts}  ({len(cfp.identities_of([k]))} identities)")
+    roles = split_folds("seed")
+    ids = {role: set(cfp.identities_of(folds)) for role, folds in roles.items()}
+    sizes = " / ".join(f"{len(cfp.pairs(folds)[0])} {role}" for role, folds in roles.items())
+    print(f"seed split   {sizes} pairs (FF+FP)")
+    overlap = (ids["train"] & ids["val"]) | (ids["train"] & ids["test"]) | (ids["val"] & ids["test"])
+    if overlap:
+        raise DataError(f"seed split is not identity-disjoint: {len(overlap)} identities shared")
+    for i in range(0, len(cfp.paths), 256):   # decode everything, in chunks to bound memory
+        load_images(cfp.paths[i:i + 256], 8, workers)
+    print(f"decoded      all {len(cfp.paths)} images: OK")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_mutually_exclusive_group(required=True)
+    g.add_argument("--check", metavar="DIR", type=str, help="summarise and verify a CFP-layout dataset folder")
+    g.add_argument("--make-toy", metavar="DIR", type=str, help="write the synthetic toy dataset into DIR")
+    parser.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="toy dataset seed (default: 0)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    return parser
+
+
+def main(args):
+    if args.make_toy:
+        if os.path.exists(os.path.join(args.make_toy, "Protocol")):
+            raise UserError(f"--make-toy {args.make_toy}: a dataset is already there; choose another folder")
+        make_toy(args.make_toy, seed=args.seed)
+        print(f"wrote the synthetic toy dataset to {args.make_toy}")
+    else:
+        check(args.check, args.workers)
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    run_cli(main, args)

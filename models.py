@@ -1,0 +1,132 @@
+"""Siamese networks on torchvision backbones.
+
+Architecture 1: shared backbone -> [f1, f2] concatenated -> decision network -> logits.
+  variation: a fully connected layer moves into the branches (compact per-image feature).
+Architecture 2: shared backbone + fully connected layer -> embedding; pairs compared by cosine.
+"""
+import os
+import urllib.error
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from utils import UserError
+
+# our name -> torchvision name
+BACKBONES = {
+    "vgg16": "vgg16",
+    "vgg16_bn": "vgg16_bn",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+    "resnet101": "resnet101",
+    "resnext50": "resnext50_32x4d",
+    "resnext101": "resnext101_32x8d",
+}
+
+
+def build_backbone(name, pretrained=True):
+    """A torchvision network without its ImageNet classifier -> (module, feature dim)."""
+    tv_name = BACKBONES[name]
+    weights = torchvision.models.get_model_weights(tv_name).DEFAULT if pretrained else None
+    try:
+        net = torchvision.models.get_model(tv_name, weights=weights)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
+        target = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+        reason = getattr(e, "reason", e)
+        raise UserError(f"cannot download the ImageNet weights of {name} ({reason}): save {weights.url} "
+                        f"as {target} (or set $TORCH_HOME), or train from scratch with --no-pretrained") from None
+    if name.startswith("vgg"):
+        # "VGG16's convolutionals": conv trunk + its adaptive pool to 7x7, flattened
+        return nn.Sequential(net.features, net.avgpool, nn.Flatten()), 512 * 7 * 7
+    dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, dim
+
+
+def freeze_layers(backbone, fraction):
+    """Freeze the first `fraction` of the backbone's parameterised layers, in forward order.
+
+    Returns the frozen modules and the total count (VGG16: 13 convs; ResNet50: 53 conv + 53 BN)."""
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    frozen = layers[:int(fraction * len(layers))]
+    for m in frozen:
+        m.requires_grad_(False)
+    return frozen, len(layers)
+
+
+class SiameseNet(nn.Module):
+    """Two weight-sharing branches and a comparison.
+
+    forward(x)      -> per-image features (N, D)
+    forward(x1, x2) -> arch 1: logits (B, K); arch 2: cosine similarity (B,)
+    """
+
+    def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=512, num_logits=2,
+                 hidden=512, dropout=0.5, freeze=0.0):
+        super().__init__()
+        self.arch = arch
+        self.backbone = backbone
+        self.frozen, self.num_layers = freeze_layers(backbone, freeze)
+        if arch == 2:
+            self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.BatchNorm1d(embed_dim))
+        elif variation:
+            self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.ReLU(inplace=True))
+        else:
+            self.neck = nn.Identity()
+        if arch == 1:
+            branch_dim = embed_dim if variation else feat_dim
+            self.decision = nn.Sequential(
+                nn.Linear(2 * branch_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(hidden, num_logits),
+            )
+            # Start the first layer as a comparator: hidden units in pairs relu(+-A (f1 - f2)), i.e. weights
+            # [A, -A] and [-A, A]. It is only an initialisation, free to move; from random init it is what
+            # lets the decision network learn to compare before it memorises identities.
+            first = self.decision[0]
+            with torch.no_grad():
+                a = first.weight[:hidden // 2, :branch_dim].clone()
+                first.weight.copy_(torch.cat([torch.cat([a, -a], 1), torch.cat([-a, a], 1)]))
+                first.bias.zero_()
+
+    def train(self, mode=True):
+        super().train(mode)
+        for m in self.frozen:  # frozen BatchNorm keeps its (ImageNet) running statistics
+            m.eval()
+        return self
+
+    def embed(self, x):
+        return self.neck(self.backbone(x))  # (N, D)
+
+    def compare(self, f1, f2):
+        if self.arch == 1:
+            return self.decision(torch.cat([f1, f2], dim=1))  # (B, 2D) -> (B, K)
+        return (F.normalize(f1, dim=1) * F.normalize(f2, dim=1)).sum(dim=1)  # (B,) cosine
+
+    def forward(self, x1, x2=None):
+        if x2 is None:
+            return self.embed(x1)
+        # One backbone call for both images of every pair (faster than two calls).
+        f1, f2 = self.embed(torch.cat([x1, x2])).chunk(2)  # (B, D) each
+        return self.compare(f1, f2)
+
+
+def pair_score(out):
+    """Model output -> one score per pair, higher = more likely the same person."""
+    if out.ndim == 1:
+        return out                        # cosine similarity
+    if out.shape[1] == 1:
+        return out[:, 0]                  # one logit (BCE)
+    return out[:, 1] - out[:, 0]          # two logits (CE): log-odds of "same"
+
+
+def build_model(args):
+    """The network a run's arguments ask for (a dict or an argparse namespace)."""
+    a = args if isinstance(args, dict) else vars(args)
+    backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False))
+    model = SiameseNet(backbone, dim, arch=a["arch"], variation=a.get("variation", False),
+                       embed_dim=a.get("embed_dim", 512), num_logits=2 if a["loss"] == "ce" else 1,
+                       freeze=a.get("freeze", 0.0))
+    return model

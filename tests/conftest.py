@@ -1,0 +1,36 @@
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory):
+    """A tiny synthetic CFP: 20 identities (2 per fold), 4 same + 4 diff pairs per fold and kind."""
+    root = str(tmp_path_factory.mktemp("toy"))
+    data.make_toy(root, num_ids=20, same_per_kind=4)
+    return root
+
+
+@pytest.fixture
+def cfp_root():
+    root = os.environ.get("CFP_ROOT")
+    if not root:
+        pytest.skip("CFP_ROOT is not set: the real CFP dataset is needed")
+    if not os.path.isdir(root):
+        pytest.fail(f"CFP_ROOT={root} is not a folder")
+    return root
+
+
+def smoke_args(toy, out, *extra):
+    """train.py arguments for a seconds-long CPU run on the tiny toy dataset."""
+    import train
+    argv = ["--data-root", str(toy), "--out", str(out), "--backbone", "resnet18", "--no-pretrained",
+            "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
+            "--print-freq", "1000", *map(str, extra)]
+    return train.get_args_parser().parse_args(argv)

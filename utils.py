@@ -1,0 +1,123 @@
+"""Small helpers shared by the scripts: errors, atomic files, checkpoints, distributed setup."""
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """Bad input the user can fix: printed as one line, no traceback (unless --debug)."""
+
+
+def run_cli(main, args):
+    try:
+        main(args)
+    except UserError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+# ---------------------------------------------------------------------------
+# Files that are either the old version or the new one, never half-written
+
+
+def _atomic(path, write):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_save(obj, path):
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, data):
+    _atomic(path, lambda f: f.write(data.encode() if isinstance(data, str) else data))
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
+
+
+def load_checkpoint(path):
+    """torch.load with weights_only=True: tensors and plain data only, nothing in the file runs."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "best.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"refusing to load {path}: it holds more than tensors and plain data "
+                        f"({first}); only checkpoints written by train.py are accepted") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def git_revision():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Distributed (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+
+
+def init_distributed(device):
+    """Returns (rank, world_size, device). A plain `python train.py` is rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce_mean(values, device):
+    """Average a list of floats over ranks (identity without torch.distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()
+
+
+def all_gather_rows(x):
+    """Concatenate (N_r, D) tensors of every rank in rank order; N_r may differ by rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    pad = int(max(s.item() for s in sizes))
+    padded = torch.zeros(pad, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
