@@ -87,6 +87,7 @@ def extract(model, bank, indices, batch_size=64, device="cpu", tta=False, autoca
     """Features of dataset images `indices` -> (N, D) float32 on the CPU, in the order given.
 
     Under torchrun every rank embeds a share and the features are gathered."""
+    device = torch.device(device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indices = np.asarray(indices)
@@ -264,7 +265,7 @@ def get_args_parser():
     p.add_argument("--tta", type=str, default="none", choices=["none", "flip"],
                    help="flip: embed each image and its mirror, sum the features (default: none)")
     p.add_argument("--pair", type=str, nargs=2, metavar=("A", "B"), help="verify two image files")
-    p.add_argument("--pairs", type=str, metavar="FILE", help="verify every 'A B' path pair of FILE, CSV to stdout")
+    p.add_argument("--pairs", type=str, metavar="FILE", help="verify every pair of FILE (one 'A B' per line, tab-separated if paths have spaces), CSV to stdout")
     p.add_argument("--summarize", type=str, nargs="?", const="runs", default=None, metavar="DIR",
                    help="print (and write DIR/summary.md) a table of every run under DIR (default DIR: runs)")
     p.add_argument("--json", type=str, default="", help="also write the metrics to this JSON file")
@@ -295,10 +296,12 @@ def main(args):
             if not os.path.isfile(args.pairs):
                 raise UserError(f"--pairs {args.pairs} does not exist")
             with open(args.pairs) as f:
-                paths = [tuple(line.split()) for line in f if line.strip()]
+                # a tab separates paths that contain spaces; otherwise any whitespace does
+                paths = [tuple(line.rstrip("\n").split("\t") if "\t" in line else line.split())
+                         for line in f if line.strip()]
             bad = next((n for n, p in enumerate(paths, 1) if len(p) != 2), None)
             if bad:
-                raise UserError(f"{args.pairs}:{bad}: expected two image paths separated by whitespace")
+                raise UserError(f"{args.pairs}:{bad}: expected two image paths separated by a tab or whitespace")
         scores = verify(model, ckpt, paths, device)
         if args.pair:
             verdict = "same person" if scores[0] >= threshold else "different people"
