@@ -219,7 +219,8 @@ def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, ep
         total_loss += loss_value
         seen += 1
         ctx["step"] += 1
-        if (step + 1) % args.print_freq == 0 or step + 1 == n_batches:
+        last = step + 1 == n_batches or (args.max_steps and ctx["step"] >= args.max_steps)
+        if (step + 1) % args.print_freq == 0 or last:
             images = sum(x.shape[0] for x in inputs) * (step + 1) * ctx["world"]
             log(f"epoch {epoch + 1} step {step + 1}/{n_batches} loss {total_loss / seen:.4f} "
                 f"lr {scheduler.get_last_lr()[0]:.2e} {images / (time.time() - t0):.1f} img/s")
