@@ -258,7 +258,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", type=str, help="run folder (uses its best.pt) or checkpoint file")
     p.add_argument("--data-root", type=str, default=None,
-                   help="CFP folder (default: $CFP_ROOT, else the run's own --data-root)")
+                   help="CFP folder (default: the run's own --data-root if it is there, else $CFP_ROOT)")
     p.add_argument("--folds", type=int, nargs="+", default=None,
                    help="score the FF and FP pairs of these folds at the checkpoint's threshold "
                         "(default: the run's own validation and test folds)")
@@ -315,7 +315,7 @@ def main(args):
         return
 
     a = ckpt["args"]
-    root = args.data_root or os.environ.get("CFP_ROOT") or a["data_root"]
+    root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))
     cfp = load_cfp(root)
     roles = split_folds(a["protocol"], a.get("test_fold"))
     sets = {"pairs": args.folds} if args.folds else {"val": roles["val"], "test": roles["test"]}
