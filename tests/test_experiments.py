@@ -3,6 +3,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -19,8 +20,9 @@ LOSS_CLASSES = {"bce": "BCEPairLoss", "ce": "CEPairLoss", "cosine": "CosinePairL
 
 
 def sh(*args, env=None, cwd=ROOT):
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")  # `python` = this one
     return subprocess.run(["bash", "experiments.sh", *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, "PATH": path, **(env or {})})
 
 
 def dry_run_lines(*ids):

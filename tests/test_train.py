@@ -76,8 +76,8 @@ def test_each_image_is_decoded_once(toy, tmp_path, monkeypatch):
     calls = []
     orig = data.decode_image
     monkeypatch.setattr(data, "decode_image", lambda path, size: calls.append(path) or orig(path, size))
-    train.main(smoke_args(toy, tmp_path / "r", "--epochs", "3"))
-    assert len(calls) == len(set(calls)) > 0  # three epochs of training and evaluation, one decode each
+    train.main(smoke_args(toy, tmp_path / "r", "--epochs", "2"))
+    assert len(calls) == len(set(calls)) > 0  # two epochs of training and evaluation, one decode each
 
 
 def test_same_seed_same_history(toy, tmp_path):
@@ -88,7 +88,7 @@ def test_same_seed_same_history(toy, tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted(toy, tmp_path):
     common = ["train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
-              "--batch-size", "4", "--epochs", "4", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
+              "--batch-size", "8", "--epochs", "4", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
     ref = run_script(*common, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     victim = subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "cut")], cwd=ROOT,
