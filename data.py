@@ -17,7 +17,6 @@ import colorsys
 import hashlib
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 

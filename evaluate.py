@@ -10,7 +10,6 @@ import argparse
 import csv
 import glob
 import json
-import math
 import os
 import re
 import sys

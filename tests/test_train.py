@@ -5,12 +5,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 
 import data
-import evaluate
 import train
 from conftest import ROOT, smoke_args
 from utils import UserError
