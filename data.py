@@ -147,12 +147,34 @@ def split_folds(protocol, test_fold=None):
 # Images: decode once, keep uint8
 
 
-def decode_image(path, size):
+RESIZE_MODES = ("pad", "crop", "squash")
+
+
+def to_square(im, size, resize="pad"):
+    """PIL RGB image -> size x size. pad: whole image, aspect kept, black borders; crop: centre square,
+    aspect kept; squash: stretched to the square (the seed's transform)."""
+    w, h = im.size
+    if resize == "squash":
+        return im.resize((size, size), Image.BILINEAR)
+    if resize == "crop":
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+        return im.resize((size, size), Image.BILINEAR, box=box)
+    if resize == "pad":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        out = Image.new("RGB", (size, size))
+        out.paste(im.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
+        return out
+    raise ValueError(f"unknown resize mode {resize!r}")
+
+
+def decode_image(path, size, resize="pad"):
     """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB."""
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
-            im = im.convert("RGB").resize((size, size), Image.BILINEAR)
+            im = to_square(im.convert("RGB"), size, resize)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -160,26 +182,26 @@ def decode_image(path, size):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
-def _cache_file(cache_dir, paths, size):
-    h = hashlib.sha1(str(size).encode())
+def _cache_file(cache_dir, paths, size, resize):
+    h = hashlib.sha1(f"{size}{resize}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return os.path.join(cache_dir, f"cfp_{size}px_{len(paths)}img_{h.hexdigest()[:16]}.pt")
+    return os.path.join(cache_dir, f"cfp_{size}px_{resize}_{len(paths)}img_{h.hexdigest()[:16]}.pt")
 
 
-def load_images(paths, size, workers=2, cache_dir=""):
+def load_images(paths, size, workers=2, cache_dir="", resize="pad"):
     """Decode and resize every path once: (N, 3, size, size) uint8.
 
     With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes and
     the image size, so later runs skip decoding."""
-    cache = _cache_file(cache_dir, paths, size) if cache_dir else None
+    cache = _cache_file(cache_dir, paths, size, resize) if cache_dir else None
     if cache and os.path.isfile(cache):
         return torch.load(cache, weights_only=True)
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     # Pillow releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in enumerate(pool.map(lambda p: decode_image(p, size), paths)):
+        for i, img in enumerate(pool.map(lambda p: decode_image(p, size, resize), paths)):
             out[i] = img
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
@@ -190,17 +212,20 @@ def load_images(paths, size, workers=2, cache_dir=""):
 class ImageBank:
     """The uint8 images a run needs, and the map from dataset index to row."""
 
-    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu"):
+    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad"):
         self.indices = np.unique(indices)
         self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
         self.row[self.indices] = np.arange(len(self.indices))
-        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir)
+        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir, resize)
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
 
     def __getitem__(self, dataset_indices):
-        rows = torch.as_tensor(self.row[np.asarray(dataset_indices)], device=self.images.device)
-        return self.images[rows]
+        rows = self.row[np.asarray(dataset_indices)]
+        if (rows < 0).any():  # row -1 would silently read the last image
+            missing = np.asarray(dataset_indices)[rows < 0]
+            raise IndexError(f"images {missing[:5].tolist()} are not in the image bank")
+        return self.images[torch.as_tensor(rows, device=self.images.device)]
 
 
 def preprocess(x, train=False):
@@ -229,7 +254,7 @@ def augment(x, max_degrees=20.0):
 
 
 class PairSet:
-    """Pairs (a, b, same) for losses that compare two images."""
+    """Pairs (a, b, same) for losses that compare two images: the protocol's fixed pairs."""
     sampling = "pairs"
 
     def __init__(self, pairs):
@@ -238,12 +263,45 @@ class PairSet:
     def __len__(self):
         return len(self.pairs)
 
+    def new_epoch(self, seed, epoch):
+        pass
+
     def batch(self, bank, idx, swap=False):
         a, b, same = self.pairs[idx].unbind(1)
         if swap:  # a pair is unordered: show the decision network both orders
             s = torch.rand(len(a)) < 0.5
             a, b = torch.where(s, b, a), torch.where(s, a, b)
         return (bank[a], bank[b]), same
+
+
+class IdentityPairSet(PairSet):
+    """Fresh pairs every epoch, drawn from all images of the training identities.
+
+    As many pairs as the protocol has for these folds, in the protocol's proportions: half FF (two
+    frontal images), half FP (frontal, profile); each half half same-identity, half different."""
+
+    def __init__(self, cfp, folds):
+        super().__init__(cfp.pairs(folds)[0])
+        images = cfp.images_of(folds)
+        self.ids = np.unique(cfp.identity[images])
+        self.frontal = [images[(cfp.identity[images] == i) & ~cfp.profile[images]] for i in self.ids]
+        self.profiles = [images[(cfp.identity[images] == i) & cfp.profile[images]] for i in self.ids]
+        if len(self.ids) < 2 or min(map(len, self.frontal)) < 2 or min(map(len, self.profiles)) < 1:
+            raise DataError("--pairs-from identities needs 2+ identities with 2+ frontal and 1+ profile image each")
+
+    def new_epoch(self, seed, epoch):
+        rng = np.random.default_rng([seed, epoch, 7])
+        n = len(self.pairs) // 4  # per (kind, same/different)
+        rows = []
+        for second in (self.frontal, self.profiles):
+            for same in (1, 0):
+                a = rng.integers(len(self.ids), size=n)
+                b = a if same else (a + rng.integers(1, len(self.ids), size=n)) % len(self.ids)
+                for i, j in zip(a, b):
+                    x = rng.choice(self.frontal[i])
+                    pool = second[j][second[j] != x]  # never an image with itself
+                    rows.append((x, rng.choice(pool), same))
+        self.pairs = torch.as_tensor(np.array(rows, dtype=np.int64))
 
 
 class ImageSet:
@@ -262,6 +320,9 @@ class ImageSet:
     @property
     def num_classes(self):
         return len(self.identities)
+
+    def new_epoch(self, seed, epoch):
+        pass
 
     def batch(self, bank, idx, swap=False):
         return (bank[self.indices[idx]],), self.labels[idx]

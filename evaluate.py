@@ -1,14 +1,16 @@
-"""Verification metrics and evaluation: embed every image once, score every pair from the features.
+"""Evaluation: embed every image once, score every pair from the features (metrics in metrics.py).
 
     python evaluate.py RUN_DIR                      validation and test accuracy of best.pt
     python evaluate.py RUN_DIR --folds 9 10         FF and FP metrics on any folds' pairs
     python evaluate.py RUN_DIR --pair A.jpg B.jpg   same person or not?
     python evaluate.py RUN_DIR --pairs LIST.txt     one "A B" path pair per line -> CSV
-    python evaluate.py --summarize runs/            Markdown table of every run
+    python evaluate.py --summarize runs/            Markdown table of every run (10-fold runs grouped)
 """
 import argparse
+import contextlib
 import csv
 import glob
+import io
 import json
 import os
 import re
@@ -19,62 +21,11 @@ import numpy as np
 import torch
 
 from data import KINDS, ImageBank, decode_image, load_cfp, preprocess, split_folds
+from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
-from utils import UserError, all_gather_rows, atomic_write, load_checkpoint, run_cli, write_json
+from utils import UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, run_cli, write_json
 
-FARS = (1e-2, 1e-3)
-
-
-# ---------------------------------------------------------------------------
-# Metrics (numpy only). Convention: predict "same" when score >= threshold.
-
-
-def roc(scores, labels):
-    """ROC from one sort: (fpr, tpr, thresholds), thresholds = distinct scores, descending.
-
-    Point 0 is (0, 0) at threshold +inf; point i > 0 predicts "same" for score >= thresholds[i]."""
-    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last position of each distinct score
-    tps, fps = np.cumsum(y)[last], np.cumsum(~y)[last]
-    p, n = max(y.sum(), 1), max((~y).sum(), 1)
-    return np.r_[0, fps] / n, np.r_[0, tps] / p, np.r_[np.inf, s[last]]
-
-
-def best_threshold(scores, labels):
-    """Exact accuracy-maximising threshold: every gap between sorted distinct scores is a candidate."""
-    fpr, tpr, thr = roc(scores, labels)
-    labels = np.asarray(labels).astype(bool)
-    p, n = labels.sum(), (~labels).sum()
-    acc = (tpr * p + (1 - fpr) * n) / len(labels)
-    i = int(np.argmax(acc))
-    if i == 0:
-        t = thr[1] + 1.0                       # everything "different"
-    elif i == len(thr) - 1:
-        t = thr[i]                             # everything "same"
-    else:
-        t = (thr[i] + thr[i + 1]) / 2          # midway to the next lower score
-    return float(t), float(acc[i])
-
-
-def accuracy(scores, labels, threshold):
-    return float(np.mean((np.asarray(scores) >= threshold) == np.asarray(labels).astype(bool)))
-
-
-def verification_metrics(scores, labels, threshold):
-    """Accuracy at a given threshold, AUC, EER and TAR at fixed FARs."""
-    fpr, tpr, _ = roc(scores, labels)
-    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-    fnr = 1 - tpr
-    i = int(np.argmax(fnr <= fpr))              # first point past the crossing (fnr falls, fpr rises)
-    d0, d1 = fnr[i - 1] - fpr[i - 1], fnr[i] - fpr[i]
-    w = d0 / (d0 - d1) if d0 != d1 else 0.0
-    eer = float(fpr[i - 1] + w * (fpr[i] - fpr[i - 1]))
-    out = {"acc": accuracy(scores, labels, threshold), "auc": auc, "eer": eer}
-    for far in FARS:
-        out[f"tar@far={far:g}"] = float(tpr[np.searchsorted(fpr, far, side="right") - 1])
-    return out
+ROLE_NAMES = {"train": "seen in training", "val": "validation (thresholds chosen here)", "test": "test"}
 
 
 # ---------------------------------------------------------------------------
@@ -91,19 +42,22 @@ def extract(model, bank, indices, batch_size=64, device="cpu", tta=False, autoca
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     indices = np.asarray(indices)
     mine = indices[rank::world]
-    feats = []
     model.eval()
-    for i in range(0, len(mine), batch_size):
-        x = preprocess(bank[mine[i:i + batch_size]].to(device, non_blocking=True))
+
+    def embed(idx):
+        x = preprocess(bank[idx].to(device, non_blocking=True))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with autocast or torch.autocast(device.type, enabled=False):
+        with autocast or contextlib.nullcontext():
             f = model(x)
-            if tta:  # insightface's flip test: the sum of the image's and its mirror's features
-                f = f + model(torch.flip(x, dims=[3]))
-        feats.append(f.float())
-    feats = torch.cat(feats) if feats else torch.zeros(0, 1, device=device)
-    feats = all_gather_rows(feats)
+            if tta:  # insightface's flip test: the mean of the image's and its mirror's features
+                f = (f + model(torch.flip(x, dims=[3]))) / 2
+        return f.float()
+
+    feats = [embed(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+    if not feats:  # a rank with nothing to embed still sends rows of the feature width
+        feats = [embed(indices[:1])[:0] if len(indices) else torch.zeros(0, 1, device=device)]
+    feats = all_gather_rows(torch.cat(feats))
     order = np.concatenate([np.arange(len(indices))[r::world] for r in range(world)])
     out = torch.empty_like(feats)
     out[torch.as_tensor(order, device=feats.device)] = feats
@@ -140,18 +94,35 @@ def evaluate(model, bank, pairs, criterion=None, batch_size=64, device="cpu", tt
             "num_embedded": len(indices) * (2 if tta else 1), "seconds": time.time() - t}
 
 
-def report(result, kinds, threshold):
-    """Test metrics at a fixed threshold: all pairs together (the seed's number), then FF and FP."""
-    scores, labels = result["scores"], result["labels"]
-    out = {"test_acc": accuracy(scores, labels, threshold), "test": {}, "num_embedded": result["num_embedded"]}
-    for kind in ("all",) + KINDS:
-        sel = np.ones(len(kinds), bool) if kind == "all" else kinds == kind
-        if sel.any():
-            out["test"][kind] = {"pairs": int(sel.sum()), **verification_metrics(scores[sel], labels[sel], threshold)}
-    return out
+def describe(name, r):
+    """One line: all pairs at the mixed threshold, then FF and FP each at its own."""
+    parts = [f"{name}: all {r['all']['acc']:.4f} (threshold {r['all']['threshold']:.4f})"]
+    for kind in KINDS:
+        if kind in r:
+            m = r[kind]
+            far = f", TAR@FAR=1% {m['tar@far=0.01']:.4f}" if "tar@far=0.01" in m else ""
+            parts.append(f"{kind} {m['acc']:.4f} (threshold {m['threshold']:.4f}), AUC {m['auc']:.4f}, "
+                         f"EER {m['eer']:.4f}{far}")
+    return " | ".join(parts)
 
 
-def plot_roc(result, kinds, path, title=""):
+def write_scores(path, pairs, kinds, scores):
+    """Every scored pair as CSV (a, b are 0-based dataset indices): pooled metrics and error galleries read it."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["a", "b", "kind", "same", "score"])
+    w.writerows((int(a), int(b), k, int(y), f"{s:.8g}") for (a, b, y), k, s in zip(pairs, kinds, scores))
+    atomic_write(path, buf.getvalue())
+
+
+def read_scores(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    return (np.array([float(r["score"]) for r in rows]), np.array([int(r["same"]) for r in rows]),
+            np.array([r["kind"] for r in rows]))
+
+
+def plot_roc(scores, labels, kinds, path, title=""):
     """ROC curves for FF and FP, FAR on a log axis."""
     import matplotlib
     matplotlib.use("Agg")
@@ -159,18 +130,19 @@ def plot_roc(result, kinds, path, title=""):
     fig, ax = plt.subplots(figsize=(5, 4))
     for kind in KINDS:
         sel = kinds == kind
-        if sel.any():
-            fpr, tpr, _ = roc(result["scores"][sel], result["labels"][sel])
-            auc = verification_metrics(result["scores"][sel], result["labels"][sel], 0.0)["auc"]
+        if sel.any() and 0 < labels[sel].sum() < sel.sum():
+            fpr, tpr, _ = roc(scores[sel], labels[sel])
+            auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
             ax.step(np.maximum(fpr, 1e-4), tpr, where="post", label=f"{kind} (AUC {auc:.3f})")
     ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false accept rate",
            ylabel="true accept rate", title=title or "ROC")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=80)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    atomic_write(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------
@@ -187,13 +159,19 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt
 
 
+def run_thresholds(ckpt):
+    """The validation thresholds stored with a checkpoint: all pairs, FF, FP."""
+    return ckpt.get("thresholds") or {k: ckpt["threshold"] for k in ("all",) + KINDS}
+
+
 def verify(model, ckpt, paths, device):
     """Scores for (a, b) image path pairs, each distinct image embedded once."""
     unique = sorted({p for pair in paths for p in pair})
     for p in unique:
         if not os.path.isfile(p):
             raise UserError(f"image {p} does not exist")
-    x = torch.stack([decode_image(p, ckpt["args"]["img_size"]) for p in unique])
+    a = ckpt["args"]
+    x = torch.stack([decode_image(p, a["img_size"], a.get("resize", "squash")) for p in unique])
     with torch.no_grad():
         feats = torch.cat([model(preprocess(b.to(device))) for b in x.split(64)])
     row = {p: i for i, p in enumerate(unique)}
@@ -202,55 +180,93 @@ def verify(model, ckpt, paths, device):
         return pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
 
 
+def dataset_label(root):
+    """CFP, toy or other, from what a dataset folder holds (or, when it is gone, its name)."""
+    readme = os.path.join(root or "", "Readme.txt")
+    if os.path.isfile(readme):
+        with open(readme, errors="replace") as f:
+            head = f.read(200)
+        return "toy" if head.startswith("SYNTHETIC toy") else ("CFP" if "Frontal" in head or "CFP" in head
+                                                                else "other")
+    name = os.path.basename(os.path.normpath(root or "")).lower()
+    return "toy" if "toy" in name else ("CFP" if "cfp" in name else "other")
+
+
+def _fmt(x, digits=3):
+    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
 def summarize(root):
-    """One row per finished run (10-fold runs of one configuration grouped), as Markdown."""
-    runs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "config.json"), recursive=True))
+    """Markdown table, one row per run under root (10-fold runs of one configuration also grouped)
+    -> (text, raw 10-fold values)."""
+    runs = sorted({os.path.dirname(p) for pat in ("config.json", "metrics.json")
+                   for p in glob.glob(os.path.join(root, "**", pat), recursive=True)})
     if not runs:
         raise UserError(f"--summarize: no run folders (with config.json) under {root}")
-    cols = ["ID", "arch", "loss", "features from", "lr", "optimizer", "epochs", "freeze", "pretrained",
-            "augmentation", "val acc", "test acc", "best epoch", "threshold"]
+    cols = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "lr", "optimizer", "epochs", "steps",
+            "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC", "FP AUC", "best epoch"]
     rows, folds = [], {}
     for run in runs:
-        with open(os.path.join(run, "config.json")) as f:
-            a = json.load(f)["args"]
-        name = os.path.basename(run)
-        exp_id = name[3:5] if name.startswith("exp") and name[3:5].isdigit() else name
-        desc = [exp_id, f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"],
-                f"{a['lr']:g}", a["optimizer"], str(a["epochs"]), f"{a['freeze']:g}",
-                "yes" if a["pretrained"] else "no", "yes" if a["augment"] else "no"]
-        metrics_file = os.path.join(run, "metrics.json")
-        if not os.path.isfile(metrics_file):
-            done = 0
-            if os.path.isfile(os.path.join(run, "history.csv")):
-                with open(os.path.join(run, "history.csv")) as f:
-                    done = max(0, sum(1 for _ in f) - 1)
-            rows.append(desc + [f"running: epoch {done}/{a['epochs']}", "", "", ""])
-            continue
-        with open(metrics_file) as f:
-            m = json.load(f)
-        rows.append(desc + [f"{m['val_acc']:.3f}", f"{m['test_acc']:.3f}", str(m["best_epoch"]),
-                            f"{m['threshold']:.3f}"])
-        if a.get("protocol") == "10fold":  # fold runs of one configuration share a name up to _foldK
-            folds.setdefault(re.sub(r"_?fold\d+$", "", name) or run, {})[a["test_fold"]] = m
+        name = os.path.relpath(run, root) if os.path.relpath(run, root) != "." else os.path.basename(run)
+        try:
+            with open(os.path.join(run, "config.json")) as f:
+                config = json.load(f)
+            a = config["args"]
+            desc = [name, config.get("dataset") or dataset_label(a["data_root"]),
+                    a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else ""),
+                    f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"],
+                    str(a["img_size"]), f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
+            metrics_file = os.path.join(run, "metrics.json")
+            if not os.path.isfile(metrics_file):
+                done = 0
+                if os.path.isfile(os.path.join(run, "history.csv")):
+                    with open(os.path.join(run, "history.csv")) as f:
+                        done = max(0, sum(1 for _ in f) - 1)
+                rows.append(desc + ["", "yes" if a["pretrained"] else "no",
+                                    f"running or stopped: epoch {done}/{a['epochs']}"] + [""] * 6)
+                continue
+            with open(metrics_file) as f:
+                m = json.load(f)
+            t = m["test"]
+            rows.append(desc + [str(m.get("steps", "")), "yes" if a["pretrained"] else "no", _fmt(m["val_acc"]),
+                                _fmt(m["test_acc"]), _fmt(t["FF"]["acc"]), _fmt(t["FP"]["acc"]),
+                                _fmt(t["FF"]["auc"]), _fmt(t["FP"]["auc"]), str(m["best_epoch"])])
+            if a["protocol"] == "10fold":  # fold runs of one configuration share a name up to _foldK
+                key = re.sub(r"_?fold\d+$", "", os.path.basename(run)) or run
+                folds.setdefault(key, {})[a["test_fold"]] = (m, run)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            rows.append([name, f"unreadable: {type(e).__name__}: {str(e)[:80]}"] + [""] * (len(cols) - 2))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
     raw = []
     if folds:
-        lines += ["", "10-fold protocol: test accuracy at the validation fold's threshold, mean +- std over folds", "",
-                  "| configuration | folds | FF acc | FP acc | FF AUC | FP AUC | FF EER | FP EER |", "|" + "---|" * 8]
+        lines += ["", "10-fold protocol: test fold accuracy, each kind at its own validation-fold threshold; "
+                  "mean +- std over folds; TAR@FAR pooled over the folds' test scores", "",
+                  "| configuration | folds | FF acc | FP acc | FF AUC | FP AUC | FF EER | FP EER | FF TAR@FAR=1% "
+                  "| FP TAR@FAR=1% |", "|" + "---|" * 10]
         for key, by_fold in sorted(folds.items()):
-            vals = {f"{kind} {m}": [by_fold[k]["test"][kind][m] for k in sorted(by_fold)]
+            ks = sorted(by_fold)
+            vals = {f"{kind} {m}": [by_fold[k][0]["test"][kind][m] for k in ks]
                     for kind in KINDS for m in ("acc", "auc", "eer")}
-            cells = [key, str(len(by_fold))]
-            cells += [f"{np.mean(vals[f'{kind} acc']):.3f} +- {np.std(vals[f'{kind} acc']):.3f}" for kind in KINDS]
-            cells += [f"{np.mean(vals[f'{kind} {m}']):.3f}" for m in ("auc", "eer") for kind in KINDS]
+            pooled = {}
+            files = [os.path.join(by_fold[k][1], "test_scores.csv") for k in ks]
+            if all(os.path.isfile(f) for f in files):
+                s, y, kinds = (np.concatenate(x) for x in zip(*map(read_scores, files)))
+                for kind in KINDS:
+                    sel = kinds == kind
+                    fpr, tpr, _ = roc(s[sel], y[sel])
+                    pooled[kind] = tar_at_far(fpr, tpr, int((y[sel] == 0).sum()))
+            cells = [key, str(len(ks))]
+            cells += [f"{np.mean(vals[f'{kind} acc']):.4f} +- {np.std(vals[f'{kind} acc']):.4f}" for kind in KINDS]
+            cells += [f"{np.mean(vals[f'{kind} {m}']):.4f}" for m in ("auc", "eer") for kind in KINDS]
+            cells += [_fmt(pooled.get(kind, {}).get("tar@far=0.01"), 4) for kind in KINDS]
             lines.append("| " + " | ".join(cells) + " |")
-            raw.append({"configuration": key, "folds": sorted(by_fold), **vals})
-    table = "\n".join(lines) + "\n"
-    atomic_write(os.path.join(root, "summary.md"), table)
-    if raw:
-        write_json(os.path.join(root, "summary_10fold.json"), raw)
-    return table
+            raw.append({"configuration": key, "folds": ks, **vals,
+                        **{f"{kind} pooled": pooled.get(kind, {}) for kind in KINDS}})
+        for r in raw:
+            lines += ["", f"{r['configuration']}, folds {r['folds']}:"]
+            lines += [f"  {k}: " + " ".join(f"{v:.4f}" for v in r[k]) for k in r if k.endswith(("acc", "auc", "eer"))]
+    return "\n".join(lines) + "\n", raw
 
 
 def get_args_parser():
@@ -259,15 +275,23 @@ def get_args_parser():
     p.add_argument("--data-root", type=str, default=None,
                    help="CFP folder (default: the run's own --data-root if it is there, else $CFP_ROOT)")
     p.add_argument("--folds", type=int, nargs="+", default=None,
-                   help="score the FF and FP pairs of these folds at the checkpoint's threshold "
-                        "(default: the run's own validation and test folds)")
+                   help="score the FF and FP pairs of these folds, each reported in its role for this run "
+                        "(seen in training, validation or test) (default: the run's validation and test folds)")
     p.add_argument("--tta", type=str, default="none", choices=["none", "flip"],
-                   help="flip: embed each image and its mirror, sum the features (default: none)")
+                   help="flip: each image's feature is the mean of its own and its mirror's; the thresholds are "
+                        "then chosen again on the run's validation folds under the same TTA (default: none)")
     p.add_argument("--pair", type=str, nargs=2, metavar=("A", "B"), help="verify two image files")
-    p.add_argument("--pairs", type=str, metavar="FILE", help="verify every pair of FILE (one 'A B' per line, tab-separated if paths have spaces), CSV to stdout")
+    p.add_argument("--pairs", type=str, metavar="FILE",
+                   help="verify every pair of FILE (one 'A B' per line, tab-separated if paths have spaces), "
+                        "CSV to stdout")
+    p.add_argument("--kind", type=str, default="all", choices=["all", "FF", "FP"],
+                   help="with --pair/--pairs: the validation threshold to use: all pairs, frontal-frontal or "
+                        "frontal-profile (default: all)")
     p.add_argument("--summarize", type=str, nargs="?", const="runs", default=None, metavar="DIR",
-                   help="print (and write DIR/summary.md) a table of every run under DIR (default DIR: runs)")
-    p.add_argument("--json", type=str, default="", help="also write the metrics to this JSON file")
+                   help="print a table of every run under DIR (default DIR: runs)")
+    p.add_argument("--out", type=str, default="", help="with --summarize: also write the table to this file")
+    p.add_argument("--json", type=str, default="", help="also write the metrics (or the raw 10-fold values) "
+                                                        "to this JSON file")
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
@@ -278,7 +302,12 @@ def get_args_parser():
 
 def main(args):
     if args.summarize is not None:
-        print(summarize(args.summarize), end="")
+        table, raw = summarize(args.summarize)
+        print(table, end="")
+        if args.out:
+            atomic_write(args.out, table)
+        if args.json:
+            write_json(args.json, raw)
         return
     if not args.run:
         raise UserError("give a run folder or checkpoint (or --summarize DIR)")
@@ -286,9 +315,14 @@ def main(args):
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(args.run, device)
-    threshold = ckpt["threshold"]
+    a = ckpt["args"]
+    thresholds = run_thresholds(ckpt)
 
     if args.pair or args.pairs:
+        if args.tta != "none":
+            raise UserError("--tta applies to fold evaluation (its thresholds come from the validation folds); "
+                            "--pair and --pairs use the run's own thresholds")
+        threshold = thresholds[args.kind]
         if args.pair:
             paths = [tuple(args.pair)]
         else:
@@ -305,40 +339,46 @@ def main(args):
         if args.pair:
             verdict = "same person" if scores[0] >= threshold else "different people"
             print(f"{verdict}: score {scores[0]:.4f} {'>=' if scores[0] >= threshold else '<'} "
-                  f"threshold {threshold:.4f}")
+                  f"threshold {threshold:.4f} ({args.kind} pairs)")
         else:
             w = csv.writer(sys.stdout)
             w.writerow(["a", "b", "score", "threshold", "same"])
-            for (a, b), s in zip(paths, scores):
-                w.writerow([a, b, f"{s:.6f}", f"{threshold:.6f}", int(s >= threshold)])
+            for (x, y), s in zip(paths, scores):
+                w.writerow([x, y, f"{s:.6f}", f"{threshold:.6f}", int(s >= threshold)])
         return
 
-    a = ckpt["args"]
     root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))
     cfp = load_cfp(root)
     roles = split_folds(a["protocol"], a.get("test_fold"))
-    sets = {"pairs": args.folds} if args.folds else {"val": roles["val"], "test": roles["test"]}
     for k in args.folds or []:
         if k not in cfp.folds:
             raise UserError(f"--folds: no fold {k} (1..{len(cfp.folds)})")
-    wanted = np.concatenate([cfp.pairs(f)[0][:, :2].ravel() for f in sets.values()])
+    asked = args.folds or roles["val"] + roles["test"]
+    sets = {role: [k for k in folds if k in asked] for role, folds in roles.items()}
+    needed = np.concatenate([cfp.pairs(f)[0][:, :2].ravel() for f in list(sets.values()) + [roles["val"]] if f])
     t = time.time()
-    bank = ImageBank(cfp, wanted, a["img_size"], args.workers, device=device if device.type == "cuda" else "cpu")
+    bank = ImageBank(cfp, needed, a["img_size"], args.workers, device=device if device.type == "cuda" else "cpu",
+                     resize=a.get("resize", "squash"))
     decode_s = time.time() - t
+    autocast = amp_autocast(device, a.get("amp", False))
+    tta = args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
-    for role, folds in sets.items():
-        pairs, kinds = cfp.pairs(folds)
-        res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=args.tta == "flip")
-        if role == "val":
-            threshold, _ = best_threshold(res["scores"], res["labels"])
-        out[role] = {"folds": folds, **report(res, kinds, threshold), "embed_seconds": res["seconds"]}
-        r = out[role]
-        print(f"{role} folds {folds}: accuracy {r['test_acc']:.4f} at threshold {threshold:.4f}; "
-              + "; ".join(f"{k} acc {v['acc']:.4f} AUC {v['auc']:.4f} EER {v['eer']:.4f} "
-                          f"TAR@FAR=1% {v['tar@far=0.01']:.4f}" for k, v in r["test"].items() if k != "all")
-              + f"; {r['num_embedded']} images embedded in {res['seconds']:.1f}s")
-    out["threshold"] = threshold
-    print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)")
+    # the thresholds always come from the run's own validation folds, under the same TTA
+    pairs, kinds = cfp.pairs(roles["val"])
+    res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
+    thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(res["scores"], res["labels"], kinds).items()}
+    for role in ("train", "val", "test"):
+        if not sets[role]:
+            continue
+        if sets[role] != roles["val"]:
+            pairs, kinds = cfp.pairs(sets[role])
+            res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
+        out[role] = {"folds": sets[role], "role": ROLE_NAMES[role],
+                     **report(res["scores"], res["labels"], kinds, thresholds),
+                     "num_embedded": res["num_embedded"], "embed_seconds": res["seconds"]}
+        print(describe(f"{ROLE_NAMES[role]}, folds {sets[role]}", out[role]))
+    out["thresholds"] = thresholds
+    print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)" + (", flip TTA" if args.tta == "flip" else ""))
     if args.json:
         write_json(args.json, out)
 

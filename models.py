@@ -64,13 +64,15 @@ class SiameseNet(nn.Module):
     """
 
     def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=512, num_logits=2,
-                 hidden=512, dropout=0.5, freeze=0.0):
+                 hidden=512, dropout=0.5, freeze=0.0, fix_bn_scale=False):
         super().__init__()
         self.arch = arch
         self.backbone = backbone
         self.frozen, self.num_layers = freeze_layers(backbone, freeze)
         if arch == 2:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.BatchNorm1d(embed_dim))
+            if fix_bn_scale:  # arcface_torch's `features` BatchNorm: scale held at 1, only the shift learns
+                self.neck[1].weight.requires_grad_(False)
         elif variation:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.ReLU(inplace=True))
         else:
@@ -128,5 +130,5 @@ def build_model(args):
     backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False))
     model = SiameseNet(backbone, dim, arch=a["arch"], variation=a.get("variation", False),
                        embed_dim=a.get("embed_dim", 512), num_logits=2 if a["loss"] == "ce" else 1,
-                       freeze=a.get("freeze", 0.0))
+                       freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False))
     return model

@@ -7,8 +7,11 @@
 import argparse
 import csv
 import io
+import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 
@@ -18,16 +21,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from data import ImageBank, ImageSet, PairSet, load_cfp, preprocess, split_folds
-from evaluate import best_threshold, evaluate, plot_roc, report
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, load_cfp, preprocess,
+                  split_folds)
+from evaluate import dataset_label, evaluate, plot_roc, write_scores
 from losses import ARCH_LOSSES, LOSSES, build_loss
+from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
-from utils import (UserError, all_reduce_mean, atomic_save, atomic_write, git_revision, init_distributed,
-                   load_checkpoint, run_cli, write_json)
+from utils import (UserError, all_reduce_mean, amp_dtype, atomic_save, atomic_write, git_revision,
+                   init_distributed, load_checkpoint, run_cli, write_json)
 
-RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt")
-# A checkpoint is only usable with the flags that shaped its network and loss.
+RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
+             "test_scores.csv")
+# A checkpoint is only usable with the flags that shaped its network and loss ...
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "embed_dim", "img_size")
+# ... and a resumed run is the same run only with the same data, objective and optimisation.
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "augment", "margin", "scale", "freeze",
+                         "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias", "schedule", "warmup_epochs",
+                         "batch_size", "seed", "amp")
+SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
 
 def get_args_parser():
@@ -49,8 +60,11 @@ def get_args_parser():
     g.add_argument("--embed-dim", type=int, default=512,
                    help="embedding size (arch 2) or compact feature size (arch 1 variation) (default: 512)")
     g.add_argument("--margin", type=float, default=None,
-                   help="loss margin (default: cosine 0.5, arcface 0.5, cosface 0.35)")
-    g.add_argument("--scale", type=float, default=None, help="arcface/cosface logit scale s (default: 64)")
+                   help="loss margin (default: cosine 0.5, arcface 0.3, cosface 0.35)")
+    g.add_argument("--scale", type=float, default=None,
+                   help="arcface/cosface logit scale s (default: 32; the papers' 64 suits many more classes)")
+    g.add_argument("--fix-bn-scale", action=argparse.BooleanOptionalAction, default=True,
+                   help="arch 2: keep the embedding BatchNorm's scale at 1, as arcface_torch does (default: on)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=str, default=os.environ.get("CFP_ROOT", "cfp-dataset"),
@@ -60,6 +74,13 @@ def get_args_parser():
                         "validate on K+1, train on the other 8 (default: seed)")
     g.add_argument("--test-fold", type=int, default=None, help="test fold K for --protocol 10fold (1..10)")
     g.add_argument("--img-size", type=int, default=224, help="square input size in pixels (default: 224)")
+    g.add_argument("--resize", type=str, default="pad", choices=RESIZE_MODES,
+                   help="to the square: pad (keep the aspect ratio, black borders), crop (centre square) or "
+                        "squash (stretch, the seed's transform) (default: pad)")
+    g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
+                   help="pair losses: identities = fresh balanced FF/FP same/different pairs every epoch from all "
+                        "images of the training identities; protocol = the protocol's fixed pairs, as the seed "
+                        "(default: identities)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip + rotation up to 20 degrees while training (default: on)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
@@ -71,6 +92,8 @@ def get_args_parser():
                    help="adam, or sgd with momentum 0.9 (default: adam)")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (default: 5e-4)")
+    g.add_argument("--decay-norm-bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="also decay BatchNorm parameters and biases (default: off, they are not decayed)")
     g.add_argument("--schedule", type=str, default="cosine", choices=["none", "cosine", "step"],
                    help="learning-rate schedule after warmup: constant, cosine to 0, or x0.1 at 1/2 and "
                         "3/4 of training (default: cosine)")
@@ -90,12 +113,13 @@ def get_args_parser():
     g.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CUDA when available, else CPU (default: auto)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision on CUDA: bf16 where supported, else fp16 with loss scaling; "
-                        "no-op on CPU (default: off)")
+                   help="mixed precision: bf16 autocast on GPUs and CPUs that support it (fp16 with loss "
+                        "scaling on older GPUs; fp32, with a warning, on CPUs without bf16) (default: off)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the model (default: off)")
     g.add_argument("--eval-batch-size", type=int, default=64, help="images per evaluation batch (default: 64)")
-    g.add_argument("--print-freq", type=int, default=50, help="steps between progress lines (default: 50)")
+    g.add_argument("--print-freq", type=int, default=50,
+                   help="steps between progress lines; a line also comes every 10 s (default: 50)")
     g.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
@@ -142,11 +166,23 @@ def check_run_folder(args):
                         f"pass --resume to continue it or --overwrite to replace it")
 
 
-def check_compatible(saved, args, source):
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(args, k)}" for k in MODEL_KEYS
-            if saved.get(k) != getattr(args, k)]
+def check_compatible(saved, args, source, keys=MODEL_KEYS):
+    """Refuse a checkpoint whose settings differ from the ones asked for, naming each difference."""
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(args, k)}" for k in keys
+            if k in saved and saved[k] != getattr(args, k)]
     if diff:
         raise UserError(f"{source} was trained with other settings than asked for: {'; '.join(diff)}")
+
+
+def param_groups(modules, weight_decay, decay_norm_bias):
+    """Weight decay on weight matrices and conv kernels only (arcface_torch, timm, MoCo v3): BatchNorm
+    parameters and biases are not decayed unless --decay-norm-bias."""
+    decay, no_decay = [], []
+    for module in modules:
+        for p in module.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 or decay_norm_bias else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_lambda(args, steps_per_epoch):
@@ -191,45 +227,77 @@ class Logger:
 
 def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx):
     objective.train()
+    train_set.new_epoch(args.seed, epoch)
     sampler = DistributedSampler(range(len(train_set)), num_replicas=ctx["world"], rank=ctx["rank"],
                                  shuffle=True, seed=args.seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler))
     n_batches = max(1, len(order) // args.batch_size)
+    if args.max_steps:  # the real stopping step, so the totals shown are the true ones
+        n_batches = max(1, min(n_batches, args.max_steps - ctx["step"]))
     device, log = ctx["device"], ctx["log"]
-    total_loss, seen, t0 = 0.0, 0, time.time()
+    total_loss, seen, skipped, images = 0.0, 0, 0, 0
+    t0 = last_print = time.time()
     for step in range(n_batches):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         inputs, target = train_set.batch(bank, idx, swap=True)
         inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment) for x in inputs]
-        if device.type == "cuda":
+        if ctx["channels_last"]:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         target = target.to(device, non_blocking=True)
         with ctx["autocast"]:
             loss = objective(inputs, target)
         loss_value = loss.item() if ctx["world"] == 1 else all_reduce_mean([loss.item()], device)[0]
-        if not math.isfinite(loss_value):
+        if not math.isfinite(loss_value) and not scaler.is_enabled():
             raise UserError(f"non-finite loss ({loss_value}) at epoch {epoch + 1} step {step + 1}: "
                             f"try a lower --lr; best.pt and last.pt are left as they were")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # fp16: a step whose gradients overflowed is skipped and the scale lowered
         scaler.update()
         scheduler.step()
-        total_loss += loss_value
-        seen += 1
+        if math.isfinite(loss_value):
+            total_loss += loss_value
+            seen += 1
+        else:
+            skipped += 1
+            if skipped > 100:
+                raise UserError(f"non-finite loss in {skipped} steps of epoch {epoch + 1}, even with loss scaling: "
+                                f"try a lower --lr; best.pt and last.pt are left as they were")
+        images += sum(x.shape[0] for x in inputs) * ctx["world"]
         ctx["step"] += 1
-        last = step + 1 == n_batches or (args.max_steps and ctx["step"] >= args.max_steps)
-        if (step + 1) % args.print_freq == 0 or last:
-            images = sum(x.shape[0] for x in inputs) * (step + 1) * ctx["world"]
-            log(f"epoch {epoch + 1} step {step + 1}/{n_batches} loss {total_loss / seen:.4f} "
-                f"lr {scheduler.get_last_lr()[0]:.2e} {images / (time.time() - t0):.1f} img/s")
-        if args.max_steps and ctx["step"] >= args.max_steps:
-            break
+        now = time.time()
+        if (step + 1) % args.print_freq == 0 or now - last_print >= 10 or step + 1 == n_batches:
+            last_print = now
+            per_step = (now - t0) / (step + 1)
+            epoch_left = per_step * (n_batches - step - 1)
+            run_left = epoch_left + (ctx["epoch_seconds"] or per_step * n_batches) * (ctx["epochs_left"] - 1)
+            log(f"epoch {epoch + 1}/{args.epochs} step {step + 1}/{n_batches} loss {total_loss / max(seen, 1):.4f} "
+                f"lr {scheduler.get_last_lr()[0]:.2e} {images / (now - t0):.1f} img/s elapsed "
+                f"{fmt_time(now - ctx['t_start'])} eta epoch {fmt_time(epoch_left)} run {fmt_time(run_left)}")
     if ctx["world"] > 1:  # BatchNorm statistics saw each rank's own batches: evaluate rank 0's everywhere
         for b in objective.module.buffers():
             dist.broadcast(b, 0)
-    return {"train_loss": total_loss / max(seen, 1), "steps": seen}
+    return {"train_loss": total_loss / max(seen, 1), "steps": n_batches, "skipped_steps": skipped}
+
+
+def fmt_time(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def validate(model, bank, pairs, kinds, criterion, args, ctx):
+    """Validation loss, thresholds (all pairs, FF, FP) and mean score of same and different pairs."""
+    val = evaluate(model, bank, pairs, criterion, args.eval_batch_size, ctx["device"], autocast=ctx["autocast"])
+    chosen = thresholds_by_kind(val["scores"], val["labels"], kinds)
+    same = val["labels"] == 1
+    row = {"val_loss": val["loss"], "val_acc": chosen["all"][1], "threshold": chosen["all"][0]}
+    for kind in KINDS:
+        row[f"val_acc_{kind}"], row[f"threshold_{kind}"] = chosen[kind][1], chosen[kind][0]
+    row["val_score_same"] = float(val["scores"][same].mean())  # the cosine, for arch 2: collapse shows here
+    row["val_score_diff"] = float(val["scores"][~same].mean())
+    return row
 
 
 def plot_curves(history, path):
@@ -274,21 +342,26 @@ def main(args):
     resume = None
     if args.resume:  # read and vet it before spending minutes on data
         resume = load_checkpoint(os.path.join(args.out, "last.pt"))
-        check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"))
+        check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
     log = Logger() if is_main else (lambda *a: None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    dtype = amp_dtype(device) if args.amp else None
+    if args.amp and dtype is None:
+        log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
 
     # protocol, network and loss first (cheap, and a missing weight file fails fast), then the images
     cfp = load_cfp(args.data_root)
     folds = split_folds(args.protocol, args.test_fold)
-    if LOSSES[args.loss].sampling == "pairs":
-        train_set = PairSet(cfp.pairs(folds["train"])[0])
-    else:
+    if LOSSES[args.loss].sampling == "images":
         train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
-    val_pairs, _ = cfp.pairs(folds["val"])
+    elif args.pairs_from == "identities":
+        train_set = IdentityPairSet(cfp, folds["train"])
+    else:
+        train_set = PairSet(cfp.pairs(folds["train"])[0])
+    val_pairs, val_kinds = cfp.pairs(folds["val"])
     test_pairs, test_kinds = cfp.pairs(folds["test"])
     model = build_model(args).to(device)
     criterion = build_loss(args.loss, num_classes=getattr(train_set, "num_classes", None),
@@ -296,23 +369,29 @@ def main(args):
     needed = np.concatenate([cfp.images_of(folds["train"]), val_pairs[:, :2].ravel(), test_pairs[:, :2].ravel()])
     t = time.time()
     bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
-                     device if device.type == "cuda" else "cpu")
-    log(f"data: {len(train_set)} training {train_set.sampling} (folds {folds['train']}), {len(val_pairs)} "
+                     device if device.type == "cuda" else "cpu", resize=args.resize)
+    log(f"data: {len(train_set)} training {train_set.sampling} per epoch (folds {folds['train']}"
+        f"{', drawn from identities' if isinstance(train_set, IdentityPairSet) else ''}), {len(val_pairs)} "
         f"validation pairs {folds['val']}, {len(test_pairs)} test pairs {folds['test']}; "
-        f"{len(bank.indices)} images at {args.img_size}px decoded in {time.time() - t:.1f}s")
+        f"{len(bank.indices)} images at {args.img_size}px ({args.resize}) decoded in {time.time() - t:.1f}s")
 
-    if device.type == "cuda":
+    # channels_last: cuDNN's and oneDNN's fast layout for convolutions (on the CPU it pays with bf16)
+    channels_last = device.type == "cuda" or dtype is not None
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    params = [p for p in list(model.parameters()) + list(criterion.parameters()) if p.requires_grad]
+    groups = param_groups([model, criterion], args.weight_decay, args.decay_norm_bias)
     if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
     else:
-        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay)
+        optimizer = torch.optim.Adam(groups, lr=args.lr)
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
-    use_amp = args.amp and device.type == "cuda"
-    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and amp_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps,
+                                                                                args.epochs * steps_per_epoch)
+    if args.warmup_epochs and args.warmup_epochs * steps_per_epoch >= total_steps:
+        log(f"warning: the {args.warmup_epochs:g}-epoch warmup spans the whole run ({total_steps} steps): the "
+            f"learning rate reaches --lr {args.lr:g} at the last step at best; lower --warmup-epochs")
 
     start_epoch, history, best = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}
     if resume:
@@ -343,64 +422,119 @@ def main(args):
             for f in RUN_FILES:
                 if os.path.exists(os.path.join(args.out, f)):
                     os.remove(os.path.join(args.out, f))
+        if resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+            os.remove(os.path.join(args.out, "metrics.json"))  # training again: no longer a finished run
         log = Logger(os.path.join(args.out, "log.txt"))
         built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(criterion).__name__,
                  "optimizer": type(optimizer).__name__, "frozen_layers": len(model.frozen),
                  "backbone_layers": model.num_layers,
                  "params": sum(p.numel() for p in model.parameters()),
-                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                 "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+                 "scale": getattr(criterion, "scale", None), "margin": getattr(criterion, "margin", None)}
+        command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
         if not args.resume:
             write_json(os.path.join(args.out, "config.json"),
-                       {"args": vars(args), "command": " ".join(sys.argv), "git": git_revision(),
-                        "torch": torch.__version__, "device": str(device), "world_size": world, "built": built})
+                       {"args": vars(args), "command": command, "git": git_revision(),
+                        "torch": torch.__version__, "device": str(device), "world_size": world,
+                        "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
+                        "selected_by": SELECTED_BY, "built": built})
+        else:
+            with open(os.path.join(args.out, "config.json")) as f:
+                config = json.load(f)
+            config.setdefault("resumes", []).append({"command": command, "epoch": start_epoch,
+                                                     "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
+            write_json(os.path.join(args.out, "config.json"), config)
         log(f"{args.out}: {built}")
 
     ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
-           "autocast": torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)}
-    for epoch in range(start_epoch, args.epochs):
-        # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
-        torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
-        t = time.time()
-        stats = train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx)
-        val = evaluate(model, bank, val_pairs, criterion, args.eval_batch_size, device, autocast=ctx["autocast"])
-        threshold, val_acc = best_threshold(val["scores"], val["labels"])
-        history.append({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": stats["train_loss"],
-                        "val_loss": val["loss"], "val_acc": val_acc, "threshold": threshold})
-        log(f"epoch {epoch + 1}/{args.epochs}: train loss {stats['train_loss']:.4f}, val loss {val['loss']:.4f}, "
-            f"val acc {val_acc:.4f} (threshold {threshold:.4f}), {time.time() - t:.1f}s")
-        stop = bool(args.max_steps) and ctx["step"] >= args.max_steps
-        if is_main:
-            state = {"model": model.state_dict(), "criterion": criterion.state_dict(), "args": vars(args),
-                     "epoch": epoch + 1, "threshold": threshold, "val_acc": val_acc}
-            if val_acc > best["val_acc"]:
-                best = {"val_acc": val_acc, "epoch": epoch + 1, "threshold": threshold}
-                atomic_save(state, os.path.join(args.out, "best.pt"))
-            atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "best": best, "history": history},
-                        os.path.join(args.out, "last.pt"))
-            write_history(history, os.path.join(args.out, "history.csv"))
-            plot_curves(history, os.path.join(args.out, "curves.png"))
-        if stop:
-            break
+           "autocast": torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+           "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0}
+    last_saved = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
+            torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
+            t = time.time()
+            ctx["epochs_left"] = args.epochs - epoch
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx)
+            val = validate(model, bank, val_pairs, val_kinds, criterion, args, ctx)
+            ctx["epoch_seconds"] = time.time() - t
+            history.append({"epoch": epoch + 1, "lr": lr, "lr_end": optimizer.param_groups[0]["lr"],
+                            "train_loss": stats["train_loss"], **val, "seconds": round(ctx["epoch_seconds"], 1)})
+            log(f"epoch {epoch + 1}/{args.epochs} done in {fmt_time(ctx['epoch_seconds'])}: train loss "
+                f"{stats['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val acc {val['val_acc']:.4f} (threshold "
+                f"{val['threshold']:.4f}), FF {val['val_acc_FF']:.4f} ({val['threshold_FF']:.4f}), FP "
+                f"{val['val_acc_FP']:.4f} ({val['threshold_FP']:.4f}); mean score same {val['val_score_same']:.3f} "
+                f"different {val['val_score_diff']:.3f}")
+            stop = bool(args.max_steps) and ctx["step"] >= args.max_steps
+            thresholds = {k: val["threshold" + ("" if k == "all" else f"_{k}")] for k in ("all",) + KINDS}
+            if is_main:
+                state = {"model": model.state_dict(), "criterion": criterion.state_dict(), "args": vars(args),
+                         "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
+                         "val_acc": val["val_acc"], "val": val}
+                if val["val_acc"] > best["val_acc"]:
+                    best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
+                    atomic_save(state, os.path.join(args.out, "best.pt"))
+                atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "scaler": scaler.state_dict(), "best": best, "history": history},
+                            os.path.join(args.out, "last.pt"))
+                write_history(history, os.path.join(args.out, "history.csv"))
+                plot_curves(history, os.path.join(args.out, "curves.png"))
+            last_saved = epoch + 1
+            if stop:
+                break
+    except KeyboardInterrupt:
+        if last_saved:
+            how = f"epoch {last_saved} is saved; continue with: {resume_command(args)}"
+        else:
+            how = f"no epoch finished, nothing to continue; start again with: {resume_command(args, fresh=True)}"
+        raise Interrupted(f"interrupted in epoch {last_saved + 1}: {how}") from None
 
-    # test: the best epoch's weights and its validation threshold
+    # test: the best epoch's weights and its validation thresholds
     if world > 1:
         dist.barrier()
     ckpt = load_checkpoint(os.path.join(args.out, "best.pt"))
     model.load_state_dict(ckpt["model"])
     test = evaluate(model, bank, test_pairs, None, args.eval_batch_size, device, autocast=ctx["autocast"])
-    metrics = {"best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"], "threshold": ckpt["threshold"],
-               **report(test, test_kinds, ckpt["threshold"]), "protocol": args.protocol, "folds": folds,
-               "epochs_run": len(history)}
+    r = report(test["scores"], test["labels"], test_kinds, ckpt["thresholds"])
+    metrics = {"selected_by": SELECTED_BY, "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
+               "threshold": ckpt["threshold"], "test_acc": r["all"]["acc"],
+               "val": {k: {"acc": ckpt["val"]["val_acc" + ("" if k == "all" else f"_{k}")],
+                           "threshold": ckpt["thresholds"][k]} for k in ("all",) + KINDS},
+               "test": r, "protocol": args.protocol, "folds": folds, "epochs_run": len(history),
+               "steps": ctx["step"], "num_embedded": test["num_embedded"],
+               "minutes": round(sum(h.get("seconds", 0) for h in history) / 60, 1)}
     if is_main:
-        plot_roc(test, test_kinds, os.path.join(args.out, "roc.png"), title=f"{args.out}: test folds {folds['test']}")
+        write_scores(os.path.join(args.out, "test_scores.csv"), test_pairs, test_kinds, test["scores"])
+        plot_roc(test["scores"], test["labels"], test_kinds, os.path.join(args.out, "roc.png"),
+                 title=f"{os.path.basename(args.out)}: test folds {folds['test']}")
         write_json(os.path.join(args.out, "metrics.json"), metrics)
-        log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}, test acc {metrics['test_acc']:.4f} "
-            f"(FF {metrics['test']['FF']['acc']:.4f}, FP {metrics['test']['FP']['acc']:.4f}) -> {args.out}")
+        log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}; test acc {metrics['test_acc']:.4f} "
+            f"(threshold {r['all']['threshold']:.4f}), FF {r['FF']['acc']:.4f} (threshold {r['FF']['threshold']:.4f}), "
+            f"FP {r['FP']['acc']:.4f} (threshold {r['FP']['threshold']:.4f}) -> {args.out}")
     if world > 1:
         dist.destroy_process_group()
     return metrics
 
 
+class Interrupted(UserError):
+    exit_code = 130
+
+
+def resume_command(args, fresh=False):
+    """The command line that continues this run (or, with fresh, starts it again)."""
+    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
+    if "--out" not in argv:
+        argv += ["--out", args.out]
+    return " ".join(shlex.quote(a) for a in ["python", "train.py"] + argv + ["--overwrite" if fresh else "--resume"])
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     run_cli(main, get_args_parser().parse_args())

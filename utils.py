@@ -20,7 +20,7 @@ def run_cli(main, args):
         if getattr(args, "debug", False):
             raise
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -68,6 +68,21 @@ def load_checkpoint(path):
                         f"({first}); only checkpoints written by train.py are accepted") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise UserError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+
+
+def amp_dtype(device):
+    """The autocast dtype --amp uses on this device: bf16 where it is fast (CUDA with bf16, CPUs with
+    AVX-512-BF16 or AMX), fp16 on older GPUs (with loss scaling), None where a CPU has no fast bf16."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return torch.bfloat16
+    return None
+
+
+def amp_autocast(device, amp):
+    dtype = amp_dtype(device) if amp else None
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
 def git_revision():
