@@ -174,6 +174,13 @@ def check_compatible(saved, args, source, keys=MODEL_KEYS):
         raise UserError(f"{source} was trained with other settings than asked for: {'; '.join(diff)}")
 
 
+def build_optimizer(args, modules):
+    groups = param_groups(modules, args.weight_decay, args.decay_norm_bias)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
+    return torch.optim.Adam(groups, lr=args.lr)
+
+
 def param_groups(modules, weight_decay, decay_norm_bias):
     """Weight decay on weight matrices and conv kernels only (arcface_torch, timm, MoCo v3): BatchNorm
     parameters and biases are not decayed unless --decay-norm-bias."""
@@ -212,10 +219,17 @@ class Objective(torch.nn.Module):
 
 
 class Logger:
-    """Prints on rank 0 and keeps a copy in the run's log.txt."""
+    """Prints on rank 0 and keeps a copy in the run's log.txt, from the run's first line on: lines
+    printed before the run folder exists are written there when it is opened."""
 
-    def __init__(self, path=None):
+    def __init__(self):
+        self.path, self.pending = None, []
+
+    def open(self, path):
         self.path = path
+        with open(path, "a") as f:
+            f.writelines(line + "\n" for line in self.pending)
+        self.pending = []
 
     def __call__(self, *msg):
         line = " ".join(str(m) for m in msg)
@@ -223,6 +237,8 @@ class Logger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(line + "\n")
+        else:
+            self.pending.append(line)
 
 
 def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx):
@@ -379,11 +395,7 @@ def main(args):
     channels_last = device.type == "cuda" or dtype is not None
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    groups = param_groups([model, criterion], args.weight_decay, args.decay_norm_bias)
-    if args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.9)
-    else:
-        optimizer = torch.optim.Adam(groups, lr=args.lr)
+    optimizer = build_optimizer(args, [model, criterion])
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -415,43 +427,43 @@ def main(args):
     if args.compile:
         objective = torch.compile(objective)
 
-    # the run folder: written only now that every input has been read successfully
-    if is_main:
-        os.makedirs(args.out, exist_ok=True)
-        if args.overwrite:
-            for f in RUN_FILES:
-                if os.path.exists(os.path.join(args.out, f)):
-                    os.remove(os.path.join(args.out, f))
-        if resume and os.path.exists(os.path.join(args.out, "metrics.json")):
-            os.remove(os.path.join(args.out, "metrics.json"))  # training again: no longer a finished run
-        log = Logger(os.path.join(args.out, "log.txt"))
-        built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(criterion).__name__,
-                 "optimizer": type(optimizer).__name__, "frozen_layers": len(model.frozen),
-                 "backbone_layers": model.num_layers,
-                 "params": sum(p.numel() for p in model.parameters()),
-                 "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                 "precision": str(dtype).replace("torch.", "") if dtype else "float32",
-                 "scale": getattr(criterion, "scale", None), "margin": getattr(criterion, "margin", None)}
-        command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
-        if not args.resume:
-            write_json(os.path.join(args.out, "config.json"),
-                       {"args": vars(args), "command": command, "git": git_revision(),
-                        "torch": torch.__version__, "device": str(device), "world_size": world,
-                        "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
-                        "selected_by": SELECTED_BY, "built": built})
-        else:
-            with open(os.path.join(args.out, "config.json")) as f:
-                config = json.load(f)
-            config.setdefault("resumes", []).append({"command": command, "epoch": start_epoch,
-                                                     "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
-            write_json(os.path.join(args.out, "config.json"), config)
-        log(f"{args.out}: {built}")
-
-    ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
-           "autocast": torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-           "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0}
     last_saved = start_epoch
     try:
+        # the run folder: written only now that every input has been read successfully
+        if is_main:
+            os.makedirs(args.out, exist_ok=True)
+            if args.overwrite:
+                for f in RUN_FILES:
+                    if os.path.exists(os.path.join(args.out, f)):
+                        os.remove(os.path.join(args.out, f))
+            if resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+                os.remove(os.path.join(args.out, "metrics.json"))  # training again: no longer a finished run
+            log.open(os.path.join(args.out, "log.txt"))
+            built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(criterion).__name__,
+                     "optimizer": type(optimizer).__name__, "frozen_layers": len(model.frozen),
+                     "backbone_layers": model.num_layers,
+                     "params": sum(p.numel() for p in model.parameters()),
+                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                     "precision": str(dtype).replace("torch.", "") if dtype else "float32",
+                     "scale": getattr(criterion, "scale", None), "margin": getattr(criterion, "margin", None)}
+            command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
+            if not args.resume:
+                write_json(os.path.join(args.out, "config.json"),
+                           {"args": vars(args), "command": command, "git": git_revision(),
+                            "torch": torch.__version__, "device": str(device), "world_size": world,
+                            "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
+                            "selected_by": SELECTED_BY, "built": built})
+            else:
+                with open(os.path.join(args.out, "config.json")) as f:
+                    config = json.load(f)
+                config.setdefault("resumes", []).append({"command": command, "epoch": start_epoch,
+                                                         "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
+                write_json(os.path.join(args.out, "config.json"), config)
+            log(f"{args.out}: {built}")
+
+        ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
+               "autocast": torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+               "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0}
         for epoch in range(start_epoch, args.epochs):
             # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
             torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
@@ -480,9 +492,9 @@ def main(args):
                 atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "scaler": scaler.state_dict(), "best": best, "history": history},
                             os.path.join(args.out, "last.pt"))
+                last_saved = epoch + 1
                 write_history(history, os.path.join(args.out, "history.csv"))
                 plot_curves(history, os.path.join(args.out, "curves.png"))
-            last_saved = epoch + 1
             if stop:
                 break
     except KeyboardInterrupt:

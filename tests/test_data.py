@@ -89,7 +89,7 @@ def test_decode_any_size_and_mode(tmp_path):
     for p in (gray, cmyk):
         x = data.decode_image(str(p), 64)
         assert x.shape == (3, 64, 64) and x.dtype == torch.uint8
-    assert (data.decode_image(str(gray), 32) == 200).all()
+    assert (data.decode_image(str(gray), 32, "squash") == 200).all()
 
 
 def test_decode_errors_name_the_file(tmp_path):
@@ -127,11 +127,38 @@ def test_preprocess_and_augment():
     torch.manual_seed(0)
     b = data.preprocess(x, train=True)
     assert a.shape == y.shape and torch.equal(a, b) and not torch.allclose(a, y)
-    # no rotation + mirror = exact horizontal flip
-    img = torch.rand(1, 3, 8, 8)
+
+
+def test_augment_flips_half_the_images():
+    img = torch.rand(1, 3, 8, 8).expand(200, 3, 8, 8).contiguous()  # an asymmetric image, 200 times
     torch.manual_seed(0)
-    flipped = data.augment(img, max_degrees=0.0)
-    assert torch.allclose(flipped, img, atol=1e-6) or torch.allclose(flipped, img.flip(3), atol=1e-6)
+    out = data.augment(img, max_degrees=0.0)  # no rotation: each output is the image or its exact mirror
+    same = torch.isclose(out, img, atol=1e-6).flatten(1).all(1)
+    mirrored = torch.isclose(out, img.flip(3), atol=1e-6).flatten(1).all(1)
+    assert (same ^ mirrored).all()
+    assert 70 < int(mirrored.sum()) < 130
+
+
+def line_angles(x):
+    """Orientation in degrees of the bright pixels of each image (second moments)."""
+    w = x[:, 0]                                                        # (B, H, W)
+    ys, xs = torch.meshgrid(torch.arange(w.shape[1]).float(), torch.arange(w.shape[2]).float(),
+                            indexing="ij")
+    m = w.sum((1, 2))
+    cx, cy = (w * xs).sum((1, 2)) / m, (w * ys).sum((1, 2)) / m
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    cxx, cyy, cxy = ((w * dx * dx).sum((1, 2)), (w * dy * dy).sum((1, 2)), (w * dx * dy).sum((1, 2)))
+    return torch.rad2deg(0.5 * torch.atan2(2 * cxy, cxx - cyy))
+
+
+def test_augment_rotates_within_20_degrees():
+    img = torch.zeros(300, 3, 64, 64)
+    img[:, :, 31:33, 12:52] = 1.0  # a horizontal bar through the centre
+    assert line_angles(img[:1]).abs().max() < 0.5
+    torch.manual_seed(0)
+    angles = line_angles(data.augment(img))
+    assert angles.abs().max() <= 21.0           # never beyond +-20 degrees (plus sampling blur)
+    assert angles.max() > 15 and angles.min() < -15  # and the whole range is used, both ways
 
 
 def test_check_cli_reports_summary_and_truncated_image(toy, tmp_path):
@@ -163,3 +190,66 @@ def test_real_cfp(cfp_root):
         ff = set(cfp.identity[cfp.folds[k]["FF"][:, :2].ravel()])
         fp = set(cfp.identity[cfp.folds[k]["FP"][:, :2].ravel()])
         assert ff == fp and len(ff) == 50
+
+
+def test_disk_cache_is_invalidated_by_a_changed_image_or_size(toy, tmp_path):
+    root = copy_toy(toy, tmp_path)
+    cfp = data.load_cfp(str(root))
+    paths = cfp.paths[:6]
+    cache = tmp_path / "cache"
+    first = data.load_images(paths, 32, cache_dir=str(cache))
+    Image.new("RGB", (50, 60), (255, 0, 0)).save(paths[2], "JPEG")  # the file changes: size and mtime
+    os.utime(paths[2], ns=(1, 1))
+    again = data.load_images(paths, 32, cache_dir=str(cache))
+    assert not torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
+    assert len(os.listdir(cache)) == 2
+    bigger = data.load_images(paths, 40, cache_dir=str(cache))
+    assert bigger.shape[-1] == 40 and len(os.listdir(cache)) == 3
+    data.load_images(paths, 40, cache_dir=str(cache), resize="squash")
+    assert len(os.listdir(cache)) == 4
+
+
+def test_resize_modes_keep_or_stretch_the_face(tmp_path):
+    tall = tmp_path / "tall.png"
+    a = np.zeros((200, 100, 3), np.uint8)
+    a[:50] = (0, 255, 0)   # top quarter green
+    a[50:] = (255, 0, 0)   # the rest red
+    Image.fromarray(a).save(tall)
+    pad = data.decode_image(str(tall), 64, "pad")
+    crop = data.decode_image(str(tall), 64, "crop")
+    squash = data.decode_image(str(tall), 64, "squash")
+    assert (pad[:, :, :14] == 0).all() and (pad[:, :, -14:] == 0).all()   # black side borders, 16 px each
+    assert pad[1, 4, 32] > 200 and pad[0, 60, 32] > 200                   # green above red, aspect kept
+    assert (crop[0, 2:-2] > 200).all() and (crop[1, 2:-2] < 50).all()     # the centre square: all red
+    assert squash[1, 4, 2] > 200 and squash[0, 60, 2] > 200               # stretched over the full width
+    with pytest.raises(data.DataError, match="unknown resize"):
+        data.decode_image(str(tall), 64, "zoom")
+
+
+def test_identity_pairs_are_fresh_balanced_and_from_training_identities(toy):
+    cfp = data.load_cfp(toy)
+    folds = data.split_folds("seed")
+    pairs = data.IdentityPairSet(cfp, folds["train"])
+    pairs.new_epoch(seed=0, epoch=0)
+    p = pairs.pairs.numpy()
+    assert len(p) == len(cfp.pairs(folds["train"])[0]) == 96
+    a, b, same = p[:, 0], p[:, 1], p[:, 2]
+    train_ids = set(cfp.identities_of(folds["train"]))
+    assert set(cfp.identity[a]) | set(cfp.identity[b]) <= train_ids
+    assert ((cfp.identity[a] == cfp.identity[b]) == (same == 1)).all()
+    assert not cfp.profile[a].any() and cfp.profile[b].sum() == 48   # FF: frontal,frontal; FP: frontal,profile
+    assert same.sum() == 48 and same[cfp.profile[b]].sum() == 24     # balanced in both kinds
+    assert (a != b).all()
+    again = data.IdentityPairSet(cfp, folds["train"])
+    again.new_epoch(seed=0, epoch=0)
+    assert torch.equal(again.pairs, pairs.pairs)                     # a function of (seed, epoch)
+    pairs.new_epoch(seed=0, epoch=1)
+    assert not torch.equal(again.pairs, pairs.pairs)                 # fresh every epoch
+
+
+def test_image_bank_refuses_an_image_it_does_not_hold(toy):
+    cfp = data.load_cfp(toy)
+    bank = data.ImageBank(cfp, [0, 1, 2], 32)
+    assert bank[[2, 0]].shape == (2, 3, 32, 32)
+    with pytest.raises(IndexError, match=r"\[5\]"):
+        bank[[0, 5]]

@@ -1,4 +1,3 @@
-import json
 import os
 import re
 import shlex
@@ -6,17 +5,20 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.nn as nn
+import torchvision
 
-import evaluate
+import data
+import losses
+import models
 import train
 from conftest import ROOT
 
 SEED_IDS = ["01", "02", "03", "04", "05", "06", "07", "08", "11", "13", "15", "17", "21", "23", "33",
             "43", "53", "63", "73"]
-BACKBONE_CLASSES = {"vgg16": "Sequential", "resnet50": "ResNet", "resnet101": "ResNet", "resnext50": "ResNet",
-                    "resnext101": "ResNet", "resnet18": "ResNet"}
-LOSS_CLASSES = {"bce": "BCEPairLoss", "ce": "CEPairLoss", "cosine": "CosinePairLoss", "arcface": "ArcFace",
-                "cosface": "CosFace"}
+LOSS_CLASSES = {"bce": losses.BCEPairLoss, "ce": losses.CEPairLoss, "cosine": losses.CosinePairLoss,
+                "arcface": losses.ArcFace, "cosface": losses.CosFace}
 
 
 def sh(*args, env=None, cwd=ROOT):
@@ -31,91 +33,104 @@ def dry_run_lines(*ids):
     return [line for line in r.stdout.splitlines() if line.strip()]
 
 
-def rows_by_id():
-    """(ID, command) for every run line of experiments.sh, read from the file itself."""
+def all_rows():
     with open(os.path.join(ROOT, "experiments.sh")) as f:
         return [(m.group(1), m.group(2)) for m in re.finditer(r"^run (\S+) (python train\.py .*)$", f.read(), re.M)]
 
 
 def test_dry_run_lists_every_seed_row():
     lines = dry_run_lines()
-    assert len(lines) >= 30 and all(line.startswith("python train.py ") for line in lines)
-    ids = {i for i, _ in rows_by_id()}
-    assert set(SEED_IDS) <= ids
+    assert len(lines) == len(all_rows()) >= 30 and all(line.startswith("python train.py ") for line in lines)
+    assert set(SEED_IDS) <= {i for i, _ in all_rows()}
     outs = [shlex.split(line)[shlex.split(line).index("--out") + 1] for line in lines]
     assert len(outs) == len(set(outs)), "two rows share a run folder"
-    assert len(lines) == len(rows_by_id())
 
 
-def test_selection_and_extra_args():
-    assert [r for r in dry_run_lines("23", "63")] == [c for i, c in rows_by_id() if i in ("23", "63")]
-    extra = dry_run_lines("01")
-    assert len(extra) == 1
+def test_selection_extra_args_and_refusals():
+    assert dry_run_lines("23", "63") == [c for i, c in all_rows() if i in ("23", "63")]
+    assert len(dry_run_lines("13")) == 6  # an ID with several rows runs all of them
     r = sh("--dry-run", "01", env={"EXTRA_ARGS": "--img-size 32 --max-steps 2"})
     assert r.stdout.strip().endswith("--img-size 32 --max-steps 2")
+    for bad in (["99"], ["--bogus"], ["01", "7"]):
+        r = sh("--dry-run", *bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", bad
+    assert "unknown experiment ID 99" in sh("99").stderr and "10fold-r18" in sh("99").stderr
+    r = sh("--help")
+    assert r.returncode == 0 and "bash experiments.sh --dry-run [IDS]" in r.stdout
 
 
-@pytest.fixture(scope="module")
-def smoke_sweep(toy, tmp_path_factory):
-    """Every line as a smoke run (toy data, random init, 32 px, one step), in-process: (root, [(line, args)])."""
-    root = tmp_path_factory.mktemp("sweep")
-    done = []
-    for exp_id, line in rows_by_id():
+def test_every_line_builds_what_it_asks_for(toy):
+    """Each row's network, loss and optimizer, built as train.py builds them (no training: a smoke run per line
+    would check the same things at minutes of cost). Identical configurations are built once."""
+    cfp = data.load_cfp(toy)
+    built = {}
+    for exp_id, line in all_rows():
         argv = shlex.split(line)[2:]
-        out = root / argv[argv.index("--out") + 1]
-        argv += ["--out", str(out), "--data-root", toy, "--no-pretrained", "--img-size", "32", "--batch-size", "2",
-                 "--max-steps", "1", "--device", "cpu", "--print-freq", "1000", "--eval-batch-size", "128"]
-        asked = train.get_args_parser().parse_args(argv)
-        train.main(asked)
-        for f in ("best.pt", "last.pt"):  # VGG16 checkpoints are hundreds of MB: keep the disk free
-            os.remove(out / f)
-        done.append((line, asked))
-    return root / "runs", done
+        args = train.get_args_parser().parse_args(argv + ["--data-root", toy])
+        train.check_args(args)
+        if exp_id.isdigit():  # the seed's rows: its data handling, said explicitly
+            assert "--pairs-from protocol" in line and "--resize squash" in line, line
+            assert args.pretrained == ("random init" not in line and exp_id not in ("02", "04", "06", "08")), line
+        key = (args.arch, args.variation, args.loss, args.backbone, args.freeze, args.optimizer, args.lr,
+               args.embed_dim)
+        if key in built:
+            continue
+        args.pretrained = False
+        model = models.build_model(args)
+        folds = data.split_folds(args.protocol, args.test_fold)
+        num_classes = len(cfp.identities_of(folds["train"]))
+        criterion = losses.build_loss(args.loss, num_classes, args.embed_dim, args.margin, args.scale)
+        optimizer = train.build_optimizer(args, [model, criterion])
+        built[key] = line
+        # the named torchvision network: same parameter count as torchvision's, less its classifier
+        with torch.device("meta"):
+            ref = torchvision.models.get_model(models.BACKBONES[args.backbone])
+        head = ref.classifier if args.backbone.startswith("vgg") else ref.fc
+        assert sum(p.numel() for p in model.backbone.parameters()) == \
+            sum(p.numel() for p in ref.parameters()) - sum(p.numel() for p in head.parameters()), line
+        assert model.arch == args.arch and isinstance(criterion, LOSS_CLASSES[args.loss]), line
+        neck = [type(m) for m in model.neck] if isinstance(model.neck, nn.Sequential) else [type(model.neck)]
+        expected_neck = {(1, False): [nn.Identity], (1, True): [nn.Linear, nn.ReLU],
+                         (2, False): [nn.Linear, nn.BatchNorm1d]}[args.arch, args.variation]
+        assert neck == expected_neck, line
+        if args.arch == 1:  # the decision network sees both branches' features, one or two logits
+            assert model.decision[-1].out_features == (2 if args.loss == "ce" else 1), line
+            assert model.decision[0].in_features == 2 * (args.embed_dim if args.variation else
+                                                         {"vgg16": 25088}.get(args.backbone, 2048)), line
+        assert isinstance(optimizer, {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]), line
+        assert all(g["lr"] == args.lr for g in optimizer.param_groups), line
+        if args.optimizer == "sgd":
+            assert optimizer.param_groups[0]["momentum"] == 0.9
+        assert optimizer.param_groups[0]["weight_decay"] == args.weight_decay == 5e-4
+        assert len(model.frozen) == int(args.freeze * model.num_layers), line
+        trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+        expected = sum(p.numel() for m in (model, criterion) for p in m.parameters() if p.requires_grad)
+        assert trainable == expected, line  # every trainable parameter, the loss's class centres included
+        assert all(not p.requires_grad for m in model.frozen for p in m.parameters()), line
+    assert len(built) >= 10
 
 
-def test_every_line_builds_what_it_asks_for(smoke_sweep):
-    _, done = smoke_sweep
-    assert len(done) == len(rows_by_id())
-    for line, asked in done:
-        with open(os.path.join(asked.out, "config.json")) as f:
-            built = json.load(f)["built"]
-        assert built["loss"] == LOSS_CLASSES[asked.loss], line
-        assert built["network"] == BACKBONE_CLASSES[asked.backbone], line
-        assert built["arch"] == asked.arch and asked.variation == ("--variation" in line), line
-        assert built["optimizer"] == {"adam": "Adam", "sgd": "SGD"}[asked.optimizer], line
-        assert built["frozen_layers"] == int(asked.freeze * built["backbone_layers"]), line
-        assert (built["trainable_params"] < built["params"]) == (asked.freeze > 0), line
-        assert os.path.isfile(os.path.join(asked.out, "metrics.json")), line
-
-
-def test_summary_table(smoke_sweep):
-    runs, done = smoke_sweep
-    table = evaluate.summarize(str(runs))
-    main_table, fold_table = table.split("10-fold protocol")
-    data_rows = [row for row in main_table.splitlines() if row.startswith("| ") and not row.startswith("| ID")]
-    assert len(data_rows) == len(done)
-    assert set(SEED_IDS) <= {row.split(" | ")[0][2:] for row in data_rows}
-    for row in data_rows:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 14 and all(cells), row
-        assert 0 <= float(cells[10]) <= 1 and 0 <= float(cells[11]) <= 1
-    groups = [row for row in fold_table.splitlines() if row.startswith("| ") and "configuration" not in row]
-    assert len(groups) == 2 and all(" | 10 | " in row and row.count("+-") == 2 for row in groups), groups
-    assert (runs / "summary.md").read_text() == table
-    for _, asked in done:
-        assert os.path.getsize(os.path.join(asked.out, "curves.png")) > 5000
-
-
-def test_interrupted_sweep_skips_finished_runs(toy, tmp_path):
+def test_sweep_skips_finished_resumes_interrupted_and_forces(toy, tmp_path):
     import shutil
-    for f in ("experiments.sh", "train.py", "data.py", "models.py", "losses.py", "evaluate.py", "utils.py"):
+    for f in ("experiments.sh", "train.py", "data.py", "models.py", "losses.py", "evaluate.py", "metrics.py",
+              "utils.py"):
         shutil.copy(os.path.join(ROOT, f), tmp_path / f)
-    env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --img-size 32 --batch-size 2 --max-steps 1 "
-                         f"--device cpu --eval-batch-size 128"}
+    # the rows' own flags, on the toy data, with a CPU-sized network (the last flag wins)
+    env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
+                         f"--epochs 2 --max-steps 3 --device cpu --eval-batch-size 128"}
     r = sh("01", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    run01 = tmp_path / "runs" / "exp01_bce_vgg16_7e"
+    assert (run01 / "metrics.json").exists()
+    (run01 / "metrics.json").unlink()  # as if it had been killed after its last checkpoint
     r = sh("01", "05", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "--resume" in r.stdout.splitlines()[0] and "resumed" in r.stdout
+    assert "[05] python train.py" in r.stdout and (run01 / "metrics.json").exists()
+    r = sh("01", env=env, cwd=tmp_path)
     assert "[01] runs/exp01_bce_vgg16_7e is finished: skipped" in r.stdout
-    assert "[05] python train.py" in r.stdout
-    assert (tmp_path / "runs" / "exp05_bce_var_vgg16_7e" / "metrics.json").exists()
+    before = (run01 / "log.txt").read_text()
+    r = sh("--force", "01", env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "--overwrite" in r.stdout.splitlines()[0] and (run01 / "log.txt").read_text() != before
+    assert "resumed" not in (run01 / "log.txt").read_text()

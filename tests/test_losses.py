@@ -81,11 +81,29 @@ def test_margin_gradient_finite_at_cos_plus_minus_one(cls):
 
 
 def test_margin_defaults():
-    assert (losses.ArcFace(4, 8).scale, losses.ArcFace(4, 8).margin) == (64.0, 0.5)
-    assert (losses.CosFace(4, 8).scale, losses.CosFace(4, 8).margin) == (64.0, 0.35)
-    assert losses.build_loss("arcface", 4, 8, margin=0.3, scale=32).margin == 0.3
+    assert (losses.ArcFace(4, 8).scale, losses.ArcFace(4, 8).margin) == (32.0, 0.3)
+    assert (losses.CosFace(4, 8).scale, losses.CosFace(4, 8).margin) == (32.0, 0.35)
+    head = losses.build_loss("arcface", 4, 8, margin=0.2, scale=16)
+    assert (head.scale, head.margin) == (16, 0.2) and head.weight.shape == (4, 8)
+    assert losses.build_loss("cosface", 4, 8, margin=0.1).scale == 32.0
+    assert losses.build_loss("cosine", margin=0.25).margin == 0.25 and losses.build_loss("cosine").margin == 0.5
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
         losses.build_loss("triplet")
+
+
+@pytest.mark.parametrize("cls", [losses.ArcFace, losses.CosFace])
+def test_margin_logits_are_float32_under_bf16_autocast(cls):
+    torch.manual_seed(0)
+    head = cls(num_classes=300, embed_dim=512, scale=64.0)
+    emb, labels = torch.randn(32, 512), torch.randint(0, 300, (32,))
+    ref = head.logits(emb, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = head.logits(emb.bfloat16(), labels)
+        loss = head(emb.bfloat16(), labels)
+    assert got.dtype == torch.float32 and loss.dtype == torch.float32
+    # the embedding itself arrives in bf16 (the network's output): compare with that input in float32
+    ref = head.logits(emb.bfloat16().float(), labels)
+    assert torch.allclose(got, ref, atol=1e-5, rtol=0)
 
 
 def test_class_centres_are_the_training_identities(toy):

@@ -18,6 +18,12 @@ def test_every_backbone_and_head(name):
     torch.manual_seed(0)
     backbone, dim = models.build_backbone(name, pretrained=False)
     assert dim == FEATURE_DIMS[name]
+    # the named torchvision network, less its classifier (the count tells resnet50 from resnext50)
+    with torch.device("meta"):
+        ref = torchvision.models.get_model(models.BACKBONES[name])
+    head = ref.classifier if name.startswith("vgg") else ref.fc
+    expected = sum(p.numel() for p in ref.parameters()) - sum(p.numel() for p in head.parameters())
+    assert sum(p.numel() for p in backbone.parameters()) == expected
     x1, x2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     heads = {  # (arch, variation, logits) -> expected output shape of model(x1, x2)
         (1, False, 2): (2, 2), (1, False, 1): (2, 1), (1, True, 2): (2, 2), (2, False, 1): (2,),
@@ -106,3 +112,41 @@ def test_missing_weights_give_one_clear_line(tmp_path, monkeypatch):
     msg = str(e.value)
     assert "\n" not in msg and "--no-pretrained" in msg
     assert os.path.join(str(tmp_path), "hub", "checkpoints", "resnext50_32x4d-") in msg
+
+
+def test_decision_network_starts_as_a_comparator():
+    backbone, dim = models.build_backbone("resnet18", pretrained=False)
+    for variation, branch in ((False, dim), (True, 16)):
+        net = models.SiameseNet(backbone, dim, arch=1, variation=variation, embed_dim=16, hidden=64)
+        first = net.decision[0]
+        w = first.weight.detach()
+        a = w[:32, :branch]
+        assert a.abs().sum() > 0
+        assert torch.equal(w[:32, branch:], -a) and torch.equal(w[32:, :branch], -a) and torch.equal(w[32:, branch:], a)
+        assert torch.equal(first.bias.detach(), torch.zeros(64))
+        # hence the first layer's output for (f, f) is zero: identical features look identical
+        f = torch.randn(3, branch)
+        assert torch.allclose(first(torch.cat([f, f], 1)), torch.zeros(3, 64), atol=1e-5)
+
+
+@pytest.mark.parametrize("name,fraction,frozen,total", [
+    ("resnet18", 0.5, 20, 40), ("resnet50", 0.5, 53, 106), ("resnext50", 0.25, 26, 106), ("vgg16", 0.5, 6, 13),
+])
+def test_freeze_counts(name, fraction, frozen, total):
+    backbone, dim = models.build_backbone(name, pretrained=False)
+    net = models.SiameseNet(backbone, dim, arch=2, embed_dim=16, freeze=fraction)
+    assert (len(net.frozen), net.num_layers) == (frozen, total)
+    layers = [m for m in backbone.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    assert layers[:frozen] == net.frozen  # the first ones, in forward order
+    assert all(not p.requires_grad for m in layers[:frozen] for p in m.parameters())
+    assert all(p.requires_grad for m in layers[frozen:] for p in m.parameters())
+
+
+def test_embedding_batchnorm_scale_fixed():
+    fixed = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "fix_bn_scale": True})
+    free = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "fix_bn_scale": False})
+    assert not fixed.neck[1].weight.requires_grad and fixed.neck[1].bias.requires_grad
+    assert free.neck[1].weight.requires_grad
+    fixed.train()
+    fixed(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
+    assert fixed.neck[1].weight.grad is None and torch.equal(fixed.neck[1].weight, torch.ones(512))
