@@ -21,7 +21,7 @@ from evaluate import evaluate, extract
 from losses import build_loss
 from models import BACKBONES, build_model, pair_score
 from train import Objective
-from utils import UserError, run_cli
+from utils import UserError, amp_dtype, run_cli
 
 
 def get_args_parser():
@@ -39,7 +39,9 @@ def get_args_parser():
     p.add_argument("--eval-folds", type=int, nargs="+", default=None,
                    help="also time evaluation of these folds' FF and FP pairs, decoding included: embed-once "
                         "(evaluate.py) against embedding both images of every pair (default: off)")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="CUDA mixed precision")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="mixed precision as train.py --amp (bf16 autocast on GPUs and on CPUs with AVX-512-BF16 or "
+                        "AMX), timed beside fp32 (default: off)")
     p.add_argument("--seed-baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the seed's data path (default: off)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
@@ -95,17 +97,18 @@ def main(args):
 
     loss = "cosine" if args.arch == 2 else "ce"
     model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss}).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
     objective = Objective(model, build_loss(loss)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
-    use_amp = args.amp and device.type == "cuda"
-    dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp and dtype == torch.float16)
-    fmt = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    dtype = amp_dtype(device) if args.amp else None
+    if args.amp and dtype is None:
+        print("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): timing fp32 only")
+    use_amp = dtype is not None
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    fmt = torch.channels_last if device.type == "cuda" or use_amp else torch.contiguous_format  # as train.py
+    model = model.to(memory_format=fmt)
 
-    def step(inputs, target):
-        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+    def step(inputs, target, amp=use_amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=amp):
             loss = objective(inputs, target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -136,7 +139,7 @@ def main(args):
 
     def seed_step(inputs, target):  # two backbone calls per pair, as the seed's forward did
         x1, x2 = inputs
-        with torch.autocast(device.type, dtype=dtype, enabled=use_amp):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=use_amp):
             f1, f2 = model(x1), model(x2)
             loss = objective.criterion(model.compare(f1, f2), target)
         optimizer.zero_grad(set_to_none=True)
@@ -144,7 +147,8 @@ def main(args):
         scaler.step(optimizer)
         scaler.update()
 
-    timings = {"model-only": [], "end-to-end": [], "seed baseline": []}
+    timings = {"model-only": [], "end-to-end": [], "seed baseline": [], "model-only fp32": []}
+    fixed32 = ([x.contiguous() for x in fixed[0]], fixed[1])
     for i in range(args.warmup):
         step(*fixed)
         step(*real_batch(i))
@@ -163,6 +167,16 @@ def main(args):
             step(*real_batch(b + i))
         sync(device)
         timings["end-to-end"].append((time.perf_counter() - t, k))
+        if use_amp:  # the same step without autocast, interleaved with the rest
+            if device.type != "cuda":  # train.py's fp32 CPU layout
+                model.to(memory_format=torch.contiguous_format)
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(k):
+                step(*fixed32, amp=False)
+            sync(device)
+            timings["model-only fp32"].append((time.perf_counter() - t, k))
+            model.to(memory_format=fmt)
         if args.seed_baseline:
             t = time.perf_counter()
             for i in range(k):
@@ -183,8 +197,8 @@ def main(args):
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device {name}; torch {torch.__version__}; {args.backbone} arch {args.arch} at {args.img_size}px, "
-          f"{n} pairs/step, amp {'on' if use_amp else 'off'}; {len(bank.indices)} images decoded once "
-          f"in {decode_s:.1f}s")
+          f"{n} pairs/step, amp {str(dtype).replace('torch.', '') if use_amp else 'off'}; {len(bank.indices)} "
+          f"images decoded once in {decode_s:.1f}s")
     print(f"{'path':<16}{'s/step':>10}{'pairs/s':>10}{'images/s':>10}")
     rates = {}
     for k, v in timings.items():
@@ -193,6 +207,9 @@ def main(args):
             rates[k] = n / per_step
             print(f"{k:<16}{per_step:>10.3f}{rates[k]:>10.1f}{2 * rates[k]:>10.1f}")
     print(f"{'evaluation':<16}{'':>10}{'':>10}{eval_rate:>10.1f}")
+    if "model-only fp32" in rates:
+        print(f"model-only, {str(dtype).replace('torch.', '')} autocast / fp32: "
+              f"{rates['model-only'] / rates['model-only fp32']:.2f}x")
     if "seed baseline" in rates:
         print(f"end-to-end / seed baseline: {rates['end-to-end'] / rates['seed baseline']:.2f}x")
     print(f"ratio {rates['end-to-end'] / rates['model-only']:.2f}")

@@ -23,6 +23,7 @@ import torch
 from data import KINDS, ImageBank, decode_image, load_cfp, preprocess, split_folds
 from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
+from plots import plot_pair
 from utils import UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, run_cli, write_json
 
 ROLE_NAMES = {"train": "seen in training", "val": "validation (thresholds chosen here)", "test": "test"}
@@ -122,29 +123,6 @@ def read_scores(path):
             np.array([r["kind"] for r in rows]))
 
 
-def plot_roc(scores, labels, kinds, path, title=""):
-    """ROC curves for FF and FP, FAR on a log axis."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for kind in KINDS:
-        sel = kinds == kind
-        if sel.any() and 0 < labels[sel].sum() < sel.sum():
-            fpr, tpr, _ = roc(scores[sel], labels[sel])
-            auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-            ax.step(np.maximum(fpr, 1e-4), tpr, where="post", label=f"{kind} (AUC {auc:.3f})")
-    ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false accept rate",
-           ylabel="true accept rate", title=title or "ROC")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 # ---------------------------------------------------------------------------
 # Command line
 
@@ -165,7 +143,7 @@ def run_thresholds(ckpt):
 
 
 def verify(model, ckpt, paths, device):
-    """Scores for (a, b) image path pairs, each distinct image embedded once."""
+    """Scores for (a, b) image path pairs, each distinct image embedded once; and the decoded images."""
     unique = sorted({p for pair in paths for p in pair})
     for p in unique:
         if not os.path.isfile(p):
@@ -177,7 +155,8 @@ def verify(model, ckpt, paths, device):
     row = {p: i for i, p in enumerate(unique)}
     idx = torch.tensor([[row[a], row[b]] for a, b in paths], device=feats.device)
     with torch.no_grad():
-        return pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
+        scores = pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
+    return scores, {p: x[i] for p, i in row.items()}
 
 
 def dataset_label(root):
@@ -284,6 +263,8 @@ def get_args_parser():
     p.add_argument("--pairs", type=str, metavar="FILE",
                    help="verify every pair of FILE (one 'A B' per line, tab-separated if paths have spaces), "
                         "CSV to stdout")
+    p.add_argument("--show", type=str, default="", metavar="PNG",
+                   help="with --pair: also draw both images as the network sees them, with the verdict")
     p.add_argument("--kind", type=str, default="all", choices=["all", "FF", "FP"],
                    help="with --pair/--pairs: the validation threshold to use: all pairs, frontal-frontal or "
                         "frontal-profile (default: all)")
@@ -335,11 +316,13 @@ def main(args):
             bad = next((n for n, p in enumerate(paths, 1) if len(p) != 2), None)
             if bad:
                 raise UserError(f"{args.pairs}:{bad}: expected two image paths separated by a tab or whitespace")
-        scores = verify(model, ckpt, paths, device)
+        scores, images = verify(model, ckpt, paths, device)
         if args.pair:
             verdict = "same person" if scores[0] >= threshold else "different people"
             print(f"{verdict}: score {scores[0]:.4f} {'>=' if scores[0] >= threshold else '<'} "
                   f"threshold {threshold:.4f} ({args.kind} pairs)")
+            if args.show:
+                plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
         else:
             w = csv.writer(sys.stdout)
             w.writerow(["a", "b", "score", "threshold", "same"])

@@ -21,17 +21,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, load_cfp, preprocess,
-                  split_folds)
-from evaluate import dataset_label, evaluate, plot_roc, write_scores
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, load_cfp, make_toy,
+                  preprocess, split_folds)
+from evaluate import dataset_label, evaluate, write_scores
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
+from plots import plot_curves, plot_errors, plot_roc
 from utils import (UserError, all_reduce_mean, amp_dtype, atomic_save, atomic_write, git_revision,
                    init_distributed, load_checkpoint, run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
-             "test_scores.csv")
+             "test_scores.csv", "errors.png")
 # A checkpoint is only usable with the flags that shaped its network and loss ...
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
@@ -68,7 +69,8 @@ def get_args_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=str, default=os.environ.get("CFP_ROOT", "cfp-dataset"),
-                   help="CFP folder in the official layout (default: $CFP_ROOT, else ./cfp-dataset)")
+                   help="CFP folder in the official layout (default: $CFP_ROOT, else ./cfp-dataset); a folder "
+                        "named toy that does not exist yet is written first with the synthetic toy dataset")
     g.add_argument("--protocol", type=str, default="seed", choices=["seed", "10fold"],
                    help="seed: folds 1-6 train, 7-8 val, 9-10 test; 10fold: test --test-fold K, "
                         "validate on K+1, train on the other 8 (default: seed)")
@@ -275,6 +277,7 @@ def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, ep
         if math.isfinite(loss_value):
             total_loss += loss_value
             seen += 1
+            ctx["steps"].append([ctx["step"] + 1, round(loss_value, 5), scheduler.get_last_lr()[0]])
         else:
             skipped += 1
             if skipped > 100:
@@ -316,26 +319,6 @@ def validate(model, bank, pairs, kinds, criterion, args, ctx):
     return row
 
 
-def plot_curves(history, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [h["epoch"] for h in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
-    ax1.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax1.legend()
-    ax2.plot(epochs, [h["val_acc"] for h in history], "o-", color="C2")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="validation accuracy")
-    ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 def write_history(history, path):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(history[0]))
@@ -369,6 +352,11 @@ def main(args):
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
 
     # protocol, network and loss first (cheap, and a missing weight file fails fast), then the images
+    if os.path.basename(os.path.normpath(args.data_root)) == "toy" and not os.path.exists(args.data_root) and is_main:
+        make_toy(args.data_root)  # `--data-root toy`: try everything with no download
+        log(f"wrote the synthetic toy dataset (drawn cartoon faces, not people) to {args.data_root}")
+    if world > 1:
+        dist.barrier()
     cfp = load_cfp(args.data_root)
     folds = split_folds(args.protocol, args.test_fold)
     if LOSSES[args.loss].sampling == "images":
@@ -405,7 +393,7 @@ def main(args):
         log(f"warning: the {args.warmup_epochs:g}-epoch warmup spans the whole run ({total_steps} steps): the "
             f"learning rate reaches --lr {args.lr:g} at the last step at best; lower --warmup-epochs")
 
-    start_epoch, history, best = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}
+    start_epoch, history, best, steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
     if resume:
         model.load_state_dict(resume["model"])
         criterion.load_state_dict(resume["criterion"])
@@ -413,6 +401,7 @@ def main(args):
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
         start_epoch, history, best = resume["epoch"], resume["history"], resume["best"]
+        steps = resume.get("steps", [])
         if args.lr != resume["args"]["lr"]:  # an explicit new --lr wins over the saved one
             scheduler.base_lrs = [args.lr for _ in scheduler.base_lrs]
             for g in optimizer.param_groups:
@@ -463,7 +452,7 @@ def main(args):
 
         ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
                "autocast": torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
-               "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0}
+               "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0, "steps": steps}
         for epoch in range(start_epoch, args.epochs):
             # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
             torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
@@ -490,11 +479,11 @@ def main(args):
                     best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
                     atomic_save(state, os.path.join(args.out, "best.pt"))
                 atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "best": best, "history": history},
+                             "scaler": scaler.state_dict(), "best": best, "history": history, "steps": steps},
                             os.path.join(args.out, "last.pt"))
                 last_saved = epoch + 1
                 write_history(history, os.path.join(args.out, "history.csv"))
-                plot_curves(history, os.path.join(args.out, "curves.png"))
+                plot_curves(history, steps, steps_per_epoch, best["epoch"], os.path.join(args.out, "curves.png"))
             if stop:
                 break
     except KeyboardInterrupt:
@@ -522,6 +511,10 @@ def main(args):
         write_scores(os.path.join(args.out, "test_scores.csv"), test_pairs, test_kinds, test["scores"])
         plot_roc(test["scores"], test["labels"], test_kinds, os.path.join(args.out, "roc.png"),
                  title=f"{os.path.basename(args.out)}: test folds {folds['test']}")
+        plot_errors(bank, test_pairs, test_kinds, test["scores"], ckpt["thresholds"],
+                    os.path.join(args.out, "errors.png"),
+                    title=f"{os.path.basename(args.out)}: most confident errors on test folds {folds['test']} "
+                          f"(score above each pair; FF and FP each at its own validation threshold)")
         write_json(os.path.join(args.out, "metrics.json"), metrics)
         log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}; test acc {metrics['test_acc']:.4f} "
             f"(threshold {r['all']['threshold']:.4f}), FF {r['FF']['acc']:.4f} (threshold {r['FF']['threshold']:.4f}), "

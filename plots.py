@@ -1,0 +1,148 @@
+"""The figures a run folder holds (matplotlib, Agg backend, written atomically).
+
+    curves.png   per-step training loss (raw and smoothed), learning rate, per-epoch validation loss and
+                 accuracy (all pairs, FF, FP), the best epoch marked
+    roc.png      test ROC of FF and FP, FAR on a log axis
+    errors.png   the test pairs the model got most confidently wrong, FF and FP: false accepts and rejects
+"""
+import io
+
+import numpy as np
+
+from data import KINDS
+from metrics import roc
+from utils import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path, dpi=80):
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    _pyplot().close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def smooth(values, window):
+    """Exponential moving average with a bias correction (TensorBoard's smoothing), window ~ 1 / (1 - beta)."""
+    beta, avg, out = 1 - 1 / max(window, 1), 0.0, []
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def plot_curves(history, steps, steps_per_epoch, best_epoch, path):
+    """history: per-epoch dicts (train.py's history.csv rows); steps: [step, loss, lr] per optimizer step."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [h["epoch"] for h in history]
+    if steps:
+        x = np.array([s[0] for s in steps]) / steps_per_epoch  # in epochs: step k ends at k / steps_per_epoch
+        loss = [s[1] for s in steps]
+        ax1.plot(x, loss, color="C0", alpha=0.25, lw=0.8)
+        ax1.plot(x, smooth(loss, max(5, len(loss) // 50)), color="C0", label="training loss (per step, smoothed)")
+        lr_ax = ax1.twinx()
+        lr_ax.plot(x, [s[2] for s in steps], color="0.5", ls=":", lw=1)
+        lr_ax.set_ylabel("learning rate (dotted)", color="0.4")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    val_loss = [h["val_loss"] for h in history]
+    if np.isfinite(val_loss).any():
+        ax1.plot(epochs, val_loss, "o-", color="C1", label="validation loss")
+    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax1.legend(loc="upper right", fontsize=8)
+    for key, label, style in (("val_acc", "all pairs", "o-"), ("val_acc_FF", "FF", "s--"),
+                              ("val_acc_FP", "FP", "^--")):
+        if key in history[0]:
+            ax2.plot(epochs, [h[key] for h in history], style, label=label, ms=4)
+    if best_epoch:
+        best = history[best_epoch - 1]["val_acc"]
+        ax2.axvline(best_epoch, color="0.6", lw=1)
+        ax2.plot([best_epoch], [best], "*", color="C3", ms=14, label=f"best: epoch {best_epoch}, {best:.3f}")
+    ax2.set(xlabel="epoch", ylabel="accuracy at the validation threshold", title="validation accuracy")
+    ax2.grid(alpha=0.3)
+    ax2.legend(loc="lower right", fontsize=8)
+    last = max(epochs[-1], 1)
+    ticks = np.arange(0, last + 1, max(1, round(last / 10)))  # integer epochs, for 1 epoch and for 40
+    ax1.set_xlim(0, last * 1.03)
+    ax1.set_xticks(ticks)
+    ax2.set_xlim(0.5, last + 0.5)
+    ax2.set_xticks(ticks[ticks >= 1] if last > 1 else [1])
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_roc(scores, labels, kinds, path, title=""):
+    """ROC curves for FF and FP, FAR on a log axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for kind in KINDS:
+        sel = kinds == kind
+        if sel.any() and 0 < labels[sel].sum() < sel.sum():
+            fpr, tpr, _ = roc(scores[sel], labels[sel])
+            auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+            ax.step(np.maximum(fpr, 1e-4), tpr, where="post", label=f"{kind} (AUC {auc:.3f})")
+    ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false accept rate",
+           ylabel="true accept rate", title=title or "ROC")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pair_image(a, b):
+    """Two uint8 (3, H, W) tensors side by side, as an (H, 2W + gap, 3) array."""
+    a, b = (x.permute(1, 2, 0).cpu().numpy() for x in (a, b))
+    gap = np.full((a.shape[0], max(2, a.shape[1] // 16), 3), 255, np.uint8)
+    return np.concatenate([a, gap, b], 1)
+
+
+def worst_errors(scores, labels, kinds, thresholds, per_group=8):
+    """{(kind, "false accepts" | "false rejects"): pair rows, most confidently wrong first}."""
+    out = {}
+    for kind in KINDS:
+        t = thresholds[kind]
+        fa = np.flatnonzero((kinds == kind) & (labels == 0) & (scores >= t))
+        fr = np.flatnonzero((kinds == kind) & (labels == 1) & (scores < t))
+        out[kind, "false accepts"] = fa[np.argsort(-scores[fa], kind="stable")][:per_group]
+        out[kind, "false rejects"] = fr[np.argsort(scores[fr], kind="stable")][:per_group]
+    return out
+
+
+def plot_errors(bank, pairs, kinds, scores, thresholds, path, per_group=8, title=""):
+    """The test pairs the model got most confidently wrong, as the network saw them (after resizing)."""
+    plt = _pyplot()
+    groups = worst_errors(scores, pairs[:, 2], kinds, thresholds, per_group)
+    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.9 * per_group, 1.45 * len(groups)), squeeze=False)
+    for row, ((kind, what), rows) in enumerate(groups.items()):
+        for col in range(per_group):
+            ax = axes[row, col]
+            ax.axis("off")
+            if col < len(rows):
+                i = rows[col]
+                ax.imshow(_pair_image(*bank[[pairs[i, 0], pairs[i, 1]]]))
+                ax.set_title(f"{scores[i]:.3f}", fontsize=8, color="C3")
+        n_wrong = {"false accepts": int(((kinds == kind) & (pairs[:, 2] == 0) & (scores >= thresholds[kind])).sum()),
+                   "false rejects": int(((kinds == kind) & (pairs[:, 2] == 1) & (scores < thresholds[kind])).sum())}
+        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{n_wrong[what]} in all\nthreshold {thresholds[kind]:.3f}",
+                          transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig.suptitle(title or "most confident test errors (score above each pair)", fontsize=9)
+    fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.01, wspace=0.08, hspace=0.35)
+    _save(fig, path)
+
+
+def plot_pair(a, b, score, threshold, verdict, path):
+    """One verified pair: both images as the network saw them, the score and the verdict."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4, 2.4))
+    ax.imshow(_pair_image(a, b))
+    ax.axis("off")
+    ax.set_title(f"{verdict}: score {score:.4f} {'>=' if score >= threshold else '<'} threshold {threshold:.4f}",
+                 fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
