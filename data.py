@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
 from utils import UserError, atomic_save, run_cli
 
@@ -64,24 +64,33 @@ class CFP:
         return np.flatnonzero(np.isin(self.identity, self.identities_of(folds)))
 
 
+def quote(text, limit=60):
+    """repr() of an input line, cut short: a 50 MB line must not become a 50 MB error message."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _read_lines(path):
     if not os.path.isfile(path):
         raise DataError(f"missing protocol file {path}")
-    with open(path) as f:
-        return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not part of line 1
+            return [(n, line.strip()) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
 def _read_image_list(root, name):
     path = os.path.join(root, "Protocol", name)
     protocol_dir = os.path.join(root, "Protocol")
-    real_root = os.path.realpath(root)
+    root_abs = os.path.abspath(root)
     paths = []
     for n, line in _read_lines(path):
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(paths) + 1:
-            raise DataError(f"{path}:{n}: expected 'INDEX PATH' with INDEX {len(paths) + 1}, got {line!r}")
-        p = os.path.realpath(os.path.join(protocol_dir, parts[1]))
-        if os.path.commonpath([p, real_root]) != real_root:
+            raise DataError(f"{path}:{n}: expected 'INDEX PATH' with INDEX {len(paths) + 1}, got {quote(line)}")
+        # by the text of the path: `../..` may not leave the root, folders the user linked elsewhere may
+        p = os.path.normpath(os.path.join(os.path.abspath(protocol_dir), parts[1]))
+        if os.path.commonpath([p, root_abs]) != root_abs:
             raise DataError(f"{path}:{n}: {parts[1]!r} points outside the dataset root {root}")
         paths.append(p)
     if not paths:
@@ -94,7 +103,7 @@ def _read_pairs(path, n_first, n_second, offset):
     for n, line in _read_lines(path):
         parts = line.split(",")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise DataError(f"{path}:{n}: expected 'i,j' with two positive integers, got {line!r}")
+            raise DataError(f"{path}:{n}: expected 'i,j' with two positive integers, got {quote(line)}")
         i, j = int(parts[0]), int(parts[1])
         if not (1 <= i <= n_first and 1 <= j <= n_second):
             raise DataError(f"{path}:{n}: pair {i},{j} out of range (1..{n_first}, 1..{n_second})")
@@ -174,11 +183,12 @@ def decode_image(path, size, resize="pad"):
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
+            im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
             im = to_square(im.convert("RGB"), size, resize)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {quote(str(e), 120)}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
@@ -216,6 +226,11 @@ class ImageBank:
         self.indices = np.unique(indices)
         self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
         self.row[self.indices] = np.arange(len(self.indices))
+        need, memory = len(self.indices) * 3 * size * size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > 0.8 * memory:
+            raise DataError(f"--img-size {size}: the decoded images would need {need / 2**30:.1f} GiB "
+                            f"({len(self.indices)} x 3 x {size} x {size} bytes), more than this machine's "
+                            f"{memory / 2**30:.0f} GiB of memory allows; choose a smaller --img-size")
         images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir, resize)
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
@@ -434,6 +449,13 @@ def check(root, workers):
     overlap = (ids["train"] & ids["val"]) | (ids["train"] & ids["test"]) | (ids["val"] & ids["test"])
     if overlap:
         raise DataError(f"seed split is not identity-disjoint: {len(overlap)} identities shared")
+    for k, kinds in cfp.folds.items():
+        for kind, p in kinds.items():
+            if (p[:, 0] == p[:, 1]).any():
+                print(f"warning: fold {k:02d} {kind}: {int((p[:, 0] == p[:, 1]).sum())} pairs of an image with itself")
+            _, first = np.unique(np.sort(p[:, :2], axis=1), axis=0, return_index=True)
+            if len(first) < len(p):
+                print(f"warning: fold {k:02d} {kind}: {len(p) - len(first)} duplicate pairs")
     for i in range(0, len(cfp.paths), 256):   # decode everything, in chunks to bound memory
         load_images(cfp.paths[i:i + 256], 8, workers)
     print(f"decoded      all {len(cfp.paths)} images: OK")

@@ -20,11 +20,12 @@ import time
 import numpy as np
 import torch
 
-from data import KINDS, ImageBank, decode_image, load_cfp, preprocess, split_folds
+from data import KINDS, ImageBank, decode_image, load_cfp, preprocess, quote, split_folds
 from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
 from plots import plot_pair
-from utils import UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, run_cli, write_json
+from utils import (UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, load_weights, run_cli,
+                   write_json)
 
 ROLE_NAMES = {"train": "seen in training", "val": "validation (thresholds chosen here)", "test": "test"}
 
@@ -130,10 +131,11 @@ def read_scores(path):
 def load_model(path, device):
     """Rebuild a network from its checkpoint alone (no ImageNet download: the weights are in it)."""
     ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint written by train.py")
-    model = build_model({**ckpt["args"], "pretrained": False})
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model({**ckpt["args"], "pretrained": False})
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: its settings do not describe a network ({type(e).__name__}: {e})") from None
+    load_weights(model, ckpt["model"], path)
     return model.to(device).eval(), ckpt
 
 
@@ -143,20 +145,52 @@ def run_thresholds(ckpt):
 
 
 def verify(model, ckpt, paths, device):
-    """Scores for (a, b) image path pairs, each distinct image embedded once; and the decoded images."""
-    unique = sorted({p for pair in paths for p in pair})
-    for p in unique:
-        if not os.path.isfile(p):
-            raise UserError(f"image {p} does not exist")
+    """Scores for (a, b) image path pairs, each distinct image embedded once.
+
+    -> (scores, images, errors): NaN scores for pairs with an image that cannot be read, the decoded
+    images by path, and {path: reason} for those that could not be."""
     a = ckpt["args"]
-    x = torch.stack([decode_image(p, a["img_size"], a.get("resize", "squash")) for p in unique])
-    with torch.no_grad():
-        feats = torch.cat([model(preprocess(b.to(device))) for b in x.split(64)])
-    row = {p: i for i, p in enumerate(unique)}
-    idx = torch.tensor([[row[a], row[b]] for a, b in paths], device=feats.device)
-    with torch.no_grad():
-        scores = pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
-    return scores, {p: x[i] for p, i in row.items()}
+    images, errors = {}, {}
+    for p in sorted({p for pair in paths for p in pair}):
+        try:
+            if not os.path.isfile(p):
+                raise UserError(f"image {p} does not exist")
+            images[p] = decode_image(p, a["img_size"], a.get("resize", "squash"))
+        except UserError as e:
+            errors[p] = str(e)
+    scores = np.full(len(paths), np.nan)
+    if images:
+        unique = list(images)
+        with torch.no_grad():
+            feats = torch.cat([model(preprocess(b.to(device))) for b in torch.stack([images[p] for p in unique]).split(64)])
+        row = {p: i for i, p in enumerate(unique)}
+        ok = [i for i, (x, y) in enumerate(paths) if x in row and y in row]
+        if ok:
+            idx = torch.tensor([[row[paths[i][0]], row[paths[i][1]]] for i in ok], device=feats.device)
+            with torch.no_grad():
+                scores[ok] = pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
+    return scores, images, errors
+
+
+def read_pair_list(path):
+    """'A B' per line (a tab between paths that contain spaces) -> (pairs, line numbers, [(line, reason)])."""
+    if not os.path.isfile(path):
+        raise UserError(f"--pairs {path} does not exist")
+    pairs, numbers, bad = [], [], []
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+                if len(fields) != 2:
+                    bad.append((n, f"expected two image paths separated by a tab or whitespace, got {quote(line)}"))
+                else:
+                    pairs.append(tuple(fields))
+                    numbers.append(n)
+    except UnicodeDecodeError as e:
+        raise UserError(f"--pairs {path}: not UTF-8 text (byte offset {e.start})") from None
+    return pairs, numbers, bad
 
 
 def dataset_label(root):
@@ -282,6 +316,9 @@ def get_args_parser():
 
 
 def main(args):
+    for flag, path in (("--json", args.json), ("--show", args.show), ("--out", args.out)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise UserError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
     if args.summarize is not None:
         table, raw = summarize(args.summarize)
         print(table, end="")
@@ -305,29 +342,33 @@ def main(args):
                             "--pair and --pairs use the run's own thresholds")
         threshold = thresholds[args.kind]
         if args.pair:
-            paths = [tuple(args.pair)]
+            paths, numbers = [tuple(args.pair)], [0]
         else:
-            if not os.path.isfile(args.pairs):
-                raise UserError(f"--pairs {args.pairs} does not exist")
-            with open(args.pairs) as f:
-                # a tab separates paths that contain spaces; otherwise any whitespace does
-                paths = [tuple(line.rstrip("\n").split("\t") if "\t" in line else line.split())
-                         for line in f if line.strip()]
-            bad = next((n for n, p in enumerate(paths, 1) if len(p) != 2), None)
-            if bad:
-                raise UserError(f"{args.pairs}:{bad}: expected two image paths separated by a tab or whitespace")
-        scores, images = verify(model, ckpt, paths, device)
+            paths, numbers, bad = read_pair_list(args.pairs)
+        scores, images, errors = verify(model, ckpt, paths, device)
         if args.pair:
+            if errors:
+                raise UserError(next(iter(errors.values())))
             verdict = "same person" if scores[0] >= threshold else "different people"
             print(f"{verdict}: score {scores[0]:.4f} {'>=' if scores[0] >= threshold else '<'} "
                   f"threshold {threshold:.4f} ({args.kind} pairs)")
             if args.show:
                 plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
-        else:
-            w = csv.writer(sys.stdout)
-            w.writerow(["a", "b", "score", "threshold", "same"])
-            for (x, y), s in zip(paths, scores):
-                w.writerow([x, y, f"{s:.6f}", f"{threshold:.6f}", int(s >= threshold)])
+            return
+        w = csv.writer(sys.stdout)
+        w.writerow(["line", "a", "b", "score", "threshold", "same"])
+        for n, (x, y), score in zip(numbers, paths, scores):
+            if np.isnan(score):
+                bad.append((n, "; ".join(errors[p] for p in (x, y) if p in errors)))
+            else:
+                w.writerow([n, x, y, f"{score:.6f}", f"{threshold:.6f}", int(score >= threshold)])
+        for n, reason in sorted(bad):
+            print(f"{args.pairs}:{n}: {reason}", file=sys.stderr)
+        if bad:
+            sys.stdout.flush()
+            print(f"error: {len(bad)} of {len(bad) + int(np.isfinite(scores).sum())} lines of {args.pairs} could "
+                  f"not be scored (listed above)", file=sys.stderr)
+            sys.exit(1)
         return
 
     root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))

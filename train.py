@@ -28,8 +28,8 @@ from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import plot_curves, plot_errors, plot_roc
-from utils import (UserError, all_reduce_mean, amp_dtype, atomic_save, atomic_write, git_revision,
-                   init_distributed, load_checkpoint, run_cli, write_json)
+from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_dtype, atomic_save, atomic_write,
+                   git_revision, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
              "test_scores.csv", "errors.png")
@@ -194,6 +194,14 @@ def param_groups(modules, weight_decay, decay_norm_bias):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def writable_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
 def lr_lambda(args, steps_per_epoch):
     total = args.epochs * steps_per_epoch
     warmup = args.warmup_epochs * steps_per_epoch
@@ -334,19 +342,31 @@ def main(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     rank, world, device = init_distributed(device)
+    lock = RunLock(args.out) if rank == 0 else None  # one run per folder, from the start
+    try:
+        return fit(args, device, rank, world)
+    finally:
+        if lock:
+            lock.release()
+
+
+def fit(args, device, rank, world):
     is_main = rank == 0
     check_run_folder(args)
     if world > 1:
         dist.barrier()  # every rank has looked at --out before rank 0 writes into it
     resume = None
     if args.resume:  # read and vet it before spending minutes on data
-        resume = load_checkpoint(os.path.join(args.out, "last.pt"))
+        resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
         check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
     log = Logger() if is_main else (lambda *a: None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if args.cache_dir and not writable_dir(args.cache_dir):
+        log(f"warning: --cache-dir {args.cache_dir} cannot be written: decoding without a disk cache")
+        args.cache_dir = ""
     dtype = amp_dtype(device) if args.amp else None
     if args.amp and dtype is None:
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
@@ -395,8 +415,8 @@ def main(args):
 
     start_epoch, history, best, steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
     if resume:
-        model.load_state_dict(resume["model"])
-        criterion.load_state_dict(resume["criterion"])
+        load_weights(model, resume["model"], os.path.join(args.out, "last.pt"))
+        load_weights(criterion, resume["criterion"], os.path.join(args.out, "last.pt"))
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         scaler.load_state_dict(resume["scaler"])
@@ -487,17 +507,15 @@ def main(args):
             if stop:
                 break
     except KeyboardInterrupt:
-        if last_saved:
-            how = f"epoch {last_saved} is saved; continue with: {resume_command(args)}"
-        else:
-            how = f"no epoch finished, nothing to continue; start again with: {resume_command(args, fresh=True)}"
-        raise Interrupted(f"interrupted in epoch {last_saved + 1}: {how}") from None
+        raise Interrupted(f"interrupted in epoch {last_saved + 1}: {continue_advice(args, last_saved)}") from None
+    except DiskFull as e:
+        raise DiskFull(f"{e}; free some space, then {continue_advice(args, last_saved)}") from None
 
     # test: the best epoch's weights and its validation thresholds
     if world > 1:
         dist.barrier()
     ckpt = load_checkpoint(os.path.join(args.out, "best.pt"))
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], os.path.join(args.out, "best.pt"))
     test = evaluate(model, bank, test_pairs, None, args.eval_batch_size, device, autocast=ctx["autocast"])
     r = report(test["scores"], test["labels"], test_kinds, ckpt["thresholds"])
     metrics = {"selected_by": SELECTED_BY, "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
@@ -526,6 +544,12 @@ def main(args):
 
 class Interrupted(UserError):
     exit_code = 130
+
+
+def continue_advice(args, last_saved):
+    if last_saved:
+        return f"epoch {last_saved} is saved; continue with: {resume_command(args)}"
+    return f"no epoch finished, nothing to continue; start again with: {resume_command(args, fresh=True)}"
 
 
 def resume_command(args, fresh=False):

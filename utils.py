@@ -1,4 +1,7 @@
 """Small helpers shared by the scripts: errors, atomic files, checkpoints, distributed setup."""
+import errno
+import fcntl
+import glob
 import json
 import os
 import pickle
@@ -11,6 +14,10 @@ import torch.distributed as dist
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line, no traceback (unless --debug)."""
+
+
+class DiskFull(UserError):
+    pass
 
 
 def run_cli(main, args):
@@ -37,6 +44,15 @@ def _atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or \
+            "file write failed" in str(e)
+        if full:
+            raise DiskFull(f"no space left on device while writing {path}; the previous "
+                           f"{os.path.basename(path)} is intact") from None
+        if isinstance(e, PermissionError):
+            raise UserError(f"cannot write {path}: permission denied") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -54,20 +70,88 @@ def write_json(path, obj):
     atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
-def load_checkpoint(path):
-    """torch.load with weights_only=True: tensors and plain data only, nothing in the file runs."""
+CHECKPOINT_KEYS = {"best": ("model", "criterion", "args", "epoch", "threshold"),
+                   "last": ("model", "criterion", "args", "epoch", "optimizer", "scheduler", "scaler", "best",
+                            "history")}
+
+
+def load_checkpoint(path, kind="best"):
+    """torch.load with weights_only=True: tensors and plain data only, nothing in the file runs.
+
+    A file that is not what train.py writes as best.pt / last.pt (`kind`) is refused in one line."""
     if os.path.isdir(path):
         path = os.path.join(path, "best.pt")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes): damaged")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0]
-        raise UserError(f"refusing to load {path}: it holds more than tensors and plain data "
-                        f"({first}); only checkpoints written by train.py are accepted") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0]}") from None
+        if "weights only load failed" in first.lower() or "weights_only" in str(e):
+            raise UserError(f"refusing to load {path}: it holds more than tensors and plain data "
+                            f"({first[:120]}); only checkpoints written by train.py are accepted") from None
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first[:120]})") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"{path} is not a checkpoint written by train.py (it holds a {type(ckpt).__name__})")
+    missing = [k for k in CHECKPOINT_KEYS[kind] if k not in ckpt]
+    if missing:
+        hint = " (is it a best.pt copied over it?)" if kind == "last" and "model" in ckpt else ""
+        raise UserError(f"{path} is not a {kind}.pt written by train.py: it lacks {', '.join(missing)}{hint}")
+    return ckpt
+
+
+def load_weights(module, state, path):
+    """load_state_dict, with a one-line error when the weights do not fit the network."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        more = " ".join(str(e).split())[len(first):][:160]
+        raise UserError(f"{path}: the weights do not fit the network its settings describe ({first}{more})") from None
+
+
+class RunLock:
+    """One run per folder: an exclusive flock on FOLDER/.lock, which the kernel releases when the process
+    ends, however it ends (so a killed run leaves no stale lock)."""
+
+    def __init__(self, folder):
+        self.folder, self.file = folder, None
+        self.created = not os.path.exists(folder)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--out {folder} is a file, not a folder")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            self.file = open(os.path.join(folder, ".lock"), "a+")
+        except OSError as e:
+            raise UserError(f"--out {folder} cannot be written: {e.strerror}") from None
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"--out {folder} is in use by another run ({holder}); wait for it to end or "
+                            f"choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n")
+        self.file.flush()
+        # what a killed run was writing when it died: never read again, possibly gigabytes
+        for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
+            os.remove(tmp)
+
+    def release(self):
+        if self.file:
+            self.file.close()
+            self.file = None
+            if self.created and os.listdir(self.folder) == [".lock"]:  # nothing was written: leave no trace
+                os.remove(os.path.join(self.folder, ".lock"))
+                os.rmdir(self.folder)
 
 
 def amp_dtype(device):

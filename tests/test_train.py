@@ -374,3 +374,22 @@ def test_sigint_stops_with_the_command_that_continues(toy, tmp_path):
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "resumed" in r.stdout and json.load(open(out / "metrics.json"))["epochs_run"] == 3
+
+
+def test_fp16_overflow_skips_the_step(toy, tmp_path, monkeypatch):
+    """With fp16 loss scaling, a non-finite loss is the scaler's business: the step is skipped and the scale
+    lowered, as PyTorch intends, and training goes on (without a scaler it stops the run: see above)."""
+    monkeypatch.setattr(train, "amp_dtype", lambda device: torch.float16)
+    forward, calls = train.Objective.forward, []
+
+    def overflow_once(self, inputs, target):
+        loss = forward(self, inputs, target)
+        calls.append(1)
+        return loss * float("inf") if len(calls) == 2 else loss
+    monkeypatch.setattr(train.Objective, "forward", overflow_once)
+    out = tmp_path / "fp16"
+    m = train.main(smoke_args(toy, out, "--amp", "--epochs", "1", "--max-steps", "4"))
+    assert m["steps"] == 4 and len(calls) == 4
+    last = torch.load(out / "last.pt", weights_only=True)
+    assert last["scaler"]["scale"] == 65536.0 / 2  # halved once, at the overflowed step
+    assert len(last["steps"]) == 3  # the skipped step's loss is not in the curve
