@@ -86,7 +86,7 @@ def _read_image_list(root, name):
     paths = []
     for n, line in _read_lines(path):
         parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit() or int(parts[0]) != len(paths) + 1:
+        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 9 or int(parts[0]) != len(paths) + 1:
             raise DataError(f"{path}:{n}: expected 'INDEX PATH' with INDEX {len(paths) + 1}, got {quote(line)}")
         # by the text of the path: `../..` may not leave the root, folders the user linked elsewhere may
         p = os.path.normpath(os.path.join(os.path.abspath(protocol_dir), parts[1]))
@@ -102,7 +102,7 @@ def _read_pairs(path, n_first, n_second, offset):
     rows = []
     for n, line in _read_lines(path):
         parts = line.split(",")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
             raise DataError(f"{path}:{n}: expected 'i,j' with two positive integers, got {quote(line)}")
         i, j = int(parts[0]), int(parts[1])
         if not (1 <= i <= n_first and 1 <= j <= n_second):

@@ -130,6 +130,7 @@ def read_scores(path):
 
 def load_model(path, device):
     """Rebuild a network from its checkpoint alone (no ImageNet download: the weights are in it)."""
+    path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     ckpt = load_checkpoint(path)
     try:
         model = build_model({**ckpt["args"], "pretrained": False})

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import zipfile
 
 import torch
 import torch.distributed as dist
@@ -85,15 +86,20 @@ def load_checkpoint(path, kind="best"):
         raise UserError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes): damaged")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file (not a zip archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        if "weights only load failed" in first.lower() or "weights_only" in str(e):
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        code = next((line for line in lines if "GLOBAL" in line), None)
+        if code:  # it names a function or class to import: code would run
             raise UserError(f"refusing to load {path}: it holds more than tensors and plain data "
-                            f"({first[:120]}); only checkpoints written by train.py are accepted") from None
-        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first[:120]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+                            f"({code[:120]}); only checkpoints written by train.py are accepted") from None
+        reason = next((line for line in lines if "WeightsUnpickler" not in line and "Weights only" not in line
+                       and "Please file" not in line), lines[0] if lines else "")
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({reason[:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({first[:120]})") from None
     if not isinstance(ckpt, dict):
