@@ -386,6 +386,8 @@ def main(args):
                      resize=a.get("resize", "squash"))
     decode_s = time.time() - t
     autocast = amp_autocast(device, a.get("amp", False))
+    if device.type == "cuda" or autocast.fast_dtype != torch.float32:
+        model = model.to(memory_format=torch.channels_last)  # the layout train.py evaluated in: the same scores
     tta = args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
     # the thresholds always come from the run's own validation folds, under the same TTA
