@@ -256,7 +256,8 @@ def preprocess(x, train=False):
 def augment(x, max_degrees=20.0):
     """Random horizontal flip and rotation in [-max_degrees, max_degrees], per image, batched.
 
-    x: (B, 3, H, W) float in [0, 1]; the corners rotated in are black. Parameters come from the CPU generator so runs repeat on any device."""
+    x: (B, 3, H, W) float in [0, 1]; the corners rotated in are black. Parameters come from the CPU
+    generator, so runs repeat on any device."""
     b = x.shape[0]
     flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)                  # (B,)
     angle = (torch.rand(b) * 2 - 1) * math.radians(max_degrees)         # (B,)

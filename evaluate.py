@@ -163,7 +163,8 @@ def verify(model, ckpt, paths, device):
     if images:
         unique = list(images)
         with torch.no_grad():
-            feats = torch.cat([model(preprocess(b.to(device))) for b in torch.stack([images[p] for p in unique]).split(64)])
+            x = torch.stack([images[p] for p in unique])
+            feats = torch.cat([model(preprocess(b.to(device))) for b in x.split(64)])
         row = {p: i for i, p in enumerate(unique)}
         ok = [i for i, (x, y) in enumerate(paths) if x in row and y in row]
         if ok:

@@ -4,7 +4,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 import torch
 import torch.nn as nn
 import torchvision

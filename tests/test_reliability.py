@@ -1,7 +1,6 @@
 """What a careful tester tries: two runs on one folder, killed writes, full disks, damaged checkpoints,
 hostile images and protocol files, partly bad pair lists, symlinked datasets, rotated photos."""
 import errno
-import json
 import os
 import shutil
 import struct
