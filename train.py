@@ -463,8 +463,12 @@ def fit(args, device, rank, world):
                             "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
                             "selected_by": SELECTED_BY, "built": built})
             else:
-                with open(os.path.join(args.out, "config.json")) as f:
-                    config = json.load(f)
+                try:
+                    with open(os.path.join(args.out, "config.json")) as f:
+                        config = json.load(f)
+                except (OSError, ValueError) as e:
+                    raise UserError(f"{os.path.join(args.out, 'config.json')} cannot be read ({e}); "
+                                    f"the run's own record is damaged") from None
                 config.setdefault("resumes", []).append({"command": command, "epoch": start_epoch,
                                                          "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
                 write_json(os.path.join(args.out, "config.json"), config)
