@@ -392,13 +392,15 @@ def main(args):
     tta = args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
     # the thresholds always come from the run's own validation folds, under the same TTA
-    pairs, kinds = cfp.pairs(roles["val"])
-    res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
-    thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(res["scores"], res["labels"], kinds).items()}
+    val_pairs, val_kinds = cfp.pairs(roles["val"])
+    val = evaluate(model, bank, val_pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
+    thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(val["scores"], val["labels"], val_kinds).items()}
     for role in ("train", "val", "test"):
         if not sets[role]:
             continue
-        if sets[role] != roles["val"]:
+        if sets[role] == roles["val"]:
+            res, kinds = val, val_kinds
+        else:
             pairs, kinds = cfp.pairs(sets[role])
             res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
         out[role] = {"folds": sets[role], "role": ROLE_NAMES[role],

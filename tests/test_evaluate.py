@@ -80,6 +80,11 @@ def test_folds_are_reported_in_their_roles(fold3_run, tmp_path):
     ev = json.load(open(tmp_path / "e.json"))
     assert ev["test"]["folds"] == [3] and ev["val"]["folds"] == [4]
     assert ev["train"]["folds"] == [1, 2, 5, 6, 7, 8, 9, 10] and ev["train"]["role"] == "seen in training"
+    saved = json.load(open(out / "metrics.json"))  # each role's figures are its own folds' figures
+    for kind in ("all", "FF", "FP"):
+        assert ev["val"][kind]["acc"] == pytest.approx(saved["val"][kind]["acc"])
+        assert ev["test"][kind]["acc"] == pytest.approx(saved["test"][kind]["acc"])
+    assert ev["train"]["all"]["pairs"] == 8 * 16 and ev["val"]["all"]["pairs"] == 16
     lines = r.stdout.splitlines()
     assert lines[0].startswith("seen in training, folds [1, 2, 5, 6, 7, 8, 9, 10]: ")
     assert lines[1].startswith("validation") and lines[2].startswith("test, folds [3]: ")
