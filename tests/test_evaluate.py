@@ -194,7 +194,7 @@ def test_verify_two_arbitrary_photos(arch, fold3_run, arch1_run, toy, tmp_path):
         x = [data.preprocess(data.decode_image(str(p), 32, ckpt["args"]["resize"])[None]) for p in (big, gray)]
         expected = float(models.pair_score(model(*x))[0])
     for kind in ("all", "FP"):
-        r = run_evaluate(out, "--pair", big, gray, "--kind", kind)
+        r = run_evaluate(out, "--pair", big, gray, "--kind", kind, "--show", tmp_path / f"{kind}.png")
         assert r.returncode == 0, r.stderr
         line = r.stdout.strip()
         assert line.startswith(("same person: score", "different people: score")) and "threshold" in line
@@ -203,6 +203,7 @@ def test_verify_two_arbitrary_photos(arch, fold3_run, arch1_run, toy, tmp_path):
         assert score == pytest.approx(expected, abs=1e-4)
         assert threshold == pytest.approx(ckpt["thresholds"][kind], abs=1e-4)
         assert (score >= threshold) == line.startswith("same")
+        assert Image.open(tmp_path / f"{kind}.png").size[0] > 200  # the picture of the pair and its verdict
     pairs = tmp_path / "pairs.txt"
     pairs.write_text(f"{big}\t{gray}\n{gray} {gray}\n")
     r = run_evaluate(out, "--pairs", pairs)

@@ -394,3 +394,19 @@ def test_fp16_overflow_skips_the_step(toy, tmp_path, monkeypatch):
     last = torch.load(out / "last.pt", weights_only=True)
     assert last["scaler"]["scale"] <= 65536.0 / 2  # halved at the overflowed step (and at any real fp16 overflow)
     assert len(last["steps"]) == 3  # the skipped step's loss is not in the curve
+
+
+def test_progress_lines_show_the_real_total_and_time_left(toy, tmp_path, capsys):
+    train.main(smoke_args(toy, tmp_path / "r", "--epochs", "3", "--max-steps", "5", "--print-freq", "2"))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/3 step")]
+    assert [line.split()[3] for line in lines] == ["2/5", "4/5", "5/5"]  # the stopping step, not the epoch's 12
+    assert all(" img/s elapsed " in line and " eta epoch " in line and " run " in line for line in lines)
+
+
+def test_data_root_toy_is_written_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    m = train.main(smoke_args("toy", tmp_path / "r", "--epochs", "1", "--max-steps", "1"))
+    assert "wrote the synthetic toy dataset" in capsys.readouterr().out and m["steps"] == 1
+    assert len(data.load_cfp(str(tmp_path / "toy")).paths) == 1400
+    with pytest.raises(UserError, match="is not a folder"):
+        train.main(smoke_args(str(tmp_path / "not-toy"), tmp_path / "r2"))
