@@ -104,7 +104,7 @@ def test_same_seed_same_history_other_seed_differs(toy, tmp_path):
 
 def test_resume_after_sigkill_matches_uninterrupted(toy, tmp_path):
     common = ["train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
-              "--batch-size", "8", "--epochs", "4", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
+              "--batch-size", "8", "--epochs", "3", "--lr", "1e-3", "--device", "cpu", "--seed", "3"]
     ref = run_script(*common, "--out", str(tmp_path / "ref"))
     assert ref.returncode == 0, ref.stderr
     victim = subprocess.Popen([sys.executable, *common, "--out", str(tmp_path / "cut")], cwd=ROOT,
@@ -112,12 +112,12 @@ def test_resume_after_sigkill_matches_uninterrupted(toy, tmp_path):
     history = tmp_path / "cut" / "history.csv"
     deadline = time.time() + 300
     while time.time() < deadline and victim.poll() is None:
-        if history.exists() and len(history.read_text().splitlines()) >= 3:  # 2 epochs done: in the third
+        if history.exists() and len(history.read_text().splitlines()) >= 2:  # 1 epoch done: in the second
             break
         time.sleep(0.05)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    assert len(history.read_text().splitlines()) == 3, "the run was not killed in its third epoch"
+    assert len(history.read_text().splitlines()) == 2, "the run was not killed in its second epoch"
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = run_script(*common, "--out", str(tmp_path / "cut"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -205,7 +205,7 @@ def test_bad_data_is_one_line_and_touches_nothing(finished_run, toy, tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(toy, tmp_path):
     out = tmp_path / "boom"
-    train.main(smoke_args(toy, out, "--epochs", "1", "--backbone", "vgg16"))
+    train.main(smoke_args(toy, out, "--epochs", "1", "--max-steps", "2", "--backbone", "vgg16"))
     before = snapshot(out)
     args = smoke_args(toy, out, "--epochs", "3", "--backbone", "vgg16", "--resume", "--lr", "1e6")
     with pytest.raises(UserError, match=r"non-finite loss .* at epoch 2 step \d+"):
