@@ -1,5 +1,8 @@
+import contextlib
+import io
 import os
 import sys
+import types
 
 import pytest
 
@@ -34,3 +37,17 @@ def smoke_args(toy, out, *extra):
             "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
             "--print-freq", "1000", *map(str, extra)]
     return train.get_args_parser().parse_args(argv)
+
+
+def cli(module, *argv):
+    """A script's command line run in this process (no interpreter start-up), as a subprocess would report it:
+    exit status, stdout, stderr."""
+    import utils
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            utils.run_cli(module.main, module.get_args_parser().parse_args([str(a) for a in argv]))
+        except SystemExit as e:
+            code = e.code
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())

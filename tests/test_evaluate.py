@@ -2,8 +2,6 @@ import csv
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ import evaluate
 import metrics
 import models
 import train
-from conftest import ROOT, smoke_args
+from conftest import cli, smoke_args
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,7 @@ def fold3_run(toy, tmp_path_factory):
 
 
 def run_evaluate(*argv):
-    return subprocess.run([sys.executable, "evaluate.py", *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
+    return cli(evaluate, *argv)  # in this process; tests/test_train.py runs the real script in a subprocess
 
 
 def test_tenfold_metrics(fold3_run, toy):

@@ -18,7 +18,7 @@ import data
 import evaluate
 import train
 import utils
-from conftest import ROOT, smoke_args
+from conftest import ROOT, cli, smoke_args
 from utils import UserError
 
 
@@ -180,7 +180,7 @@ def test_check_reports_duplicate_and_self_pairs(toy, tmp_path):
     diff = root / "Protocol/Split/FF/05/diff.txt"
     lines = diff.read_text().splitlines()
     diff.write_text("\n".join(lines + [lines[0], "7,7"]) + "\n")
-    r = subprocess.run([sys.executable, "data.py", "--check", str(root)], cwd=ROOT, capture_output=True, text=True)
+    r = cli(data, "--check", root)
     assert r.returncode == 0, r.stderr
     assert "warning: fold 05 FF: 1 pairs of an image with itself" in r.stdout
     assert "warning: fold 05 FF: 1 duplicate pairs" in r.stdout
@@ -193,8 +193,7 @@ def test_pairs_list_scores_every_good_line(fold3_run, toy, tmp_path):
     (tmp_path / "broken.jpg").write_text("not a jpeg")
     lines[11] = f"{tmp_path / 'broken.jpg'} {images[3]}"
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
-    r = subprocess.run([sys.executable, "evaluate.py", str(fold3_run), "--pairs", str(tmp_path / "list.txt")],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = cli(evaluate, fold3_run, "--pairs", tmp_path / "list.txt")
     assert r.returncode == 1
     rows = r.stdout.strip().splitlines()
     assert rows[0].startswith("line,a,b,score") and len(rows) == 19
@@ -211,7 +210,7 @@ def test_symlinked_data_folder_is_accepted(toy, tmp_path):
     shutil.copytree(os.path.join(toy, "Data"), elsewhere / "Data")
     shutil.copytree(os.path.join(toy, "Protocol"), root / "Protocol")
     (root / "Data").symlink_to(elsewhere / "Data")
-    r = subprocess.run([sys.executable, "data.py", "--check", str(root)], cwd=ROOT, capture_output=True, text=True)
+    r = cli(data, "--check", root)
     assert r.returncode == 0, r.stderr
     (root / "Protocol" / "Pair_list_P.txt").write_text("1 ../../../etc/passwd\n")
     with pytest.raises(data.DataError, match="outside the dataset root"):
@@ -226,9 +225,8 @@ def test_resume_refuses_another_run(fold3_run, toy, tmp_path):
         with pytest.raises(UserError, match=culprit) as e:
             train.main(smoke_args(toy, run, "--protocol", "10fold", "--epochs", "3", "--resume", *argv))
         assert one_line(e.value)
-    r = subprocess.run([sys.executable, "train.py", "--data-root", toy, "--out", str(run), "--resume", "--protocol",
-                        "10fold", "--test-fold", "4", "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
-                        "--batch-size", "8"], cwd=ROOT, capture_output=True, text=True)
+    r = cli(train, "--data-root", toy, "--out", run, "--resume", "--protocol", "10fold", "--test-fold", "4",
+            "--backbone", "resnet18", "--no-pretrained", "--img-size", "32", "--batch-size", "8")
     assert r.returncode == 2 and one_line(r.stderr) and "--test-fold 3 vs 4" in r.stderr
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import data
+import evaluate
 import train
-from conftest import ROOT, smoke_args
+from conftest import ROOT, cli, smoke_args
 from utils import UserError
 
 
@@ -149,10 +150,10 @@ def test_malicious_checkpoint_is_refused(finished_run, toy, tmp_path):
     for name in ("best.pt", "last.pt"):
         torch.save({"model": Exploit(marker)}, bad / name)
     (bad / "config.json").write_text("{}")
-    r = run_script("evaluate.py", str(bad))
+    r = cli(evaluate, bad)
     assert r.returncode == 2 and "refusing to load" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_script("train.py", "--data-root", toy, "--out", str(bad), "--resume", "--backbone", "resnet18",
-                   "--no-pretrained", "--img-size", "32")
+    r = cli(train, "--data-root", toy, "--out", bad, "--resume", "--backbone", "resnet18", "--no-pretrained",
+            "--img-size", "32")
     assert r.returncode == 2 and "refusing to load" in r.stderr, r.stderr
     assert not marker.exists()
 
@@ -194,12 +195,12 @@ def test_bad_data_is_one_line_and_touches_nothing(finished_run, toy, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(toy, broken)
     (broken / "Data/Images/003/frontal/02.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    r = run_script("train.py", "--data-root", str(broken), "--out", str(out), "--overwrite", "--backbone",
+    r = cli(train, "--data-root", broken, "--out", out, "--overwrite", "--backbone",
                    "resnet18", "--no-pretrained", "--img-size", "32")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "003/frontal/02.jpg" in r.stderr, r.stderr
     assert snapshot(out) == before
-    r = run_script("evaluate.py", str(tmp_path / "nothing-here"))
+    r = cli(evaluate, tmp_path / "nothing-here")
     assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.strip().count("\n") == 0
 
 
