@@ -195,8 +195,8 @@ def test_bad_data_is_one_line_and_touches_nothing(finished_run, toy, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(toy, broken)
     (broken / "Data/Images/003/frontal/02.jpg").write_bytes(b"\xff\xd8\xff truncated")
-    r = cli(train, "--data-root", broken, "--out", out, "--overwrite", "--backbone",
-                   "resnet18", "--no-pretrained", "--img-size", "32")
+    r = cli(train, "--data-root", broken, "--out", out, "--overwrite", "--backbone", "resnet18", "--no-pretrained",
+            "--img-size", "32")
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "003/frontal/02.jpg" in r.stderr, r.stderr
     assert snapshot(out) == before
