@@ -240,3 +240,19 @@ def test_photos_are_seen_upright(tmp_path):
     Image.fromarray(a).save(path, exif=exif, quality=95)
     x = data.decode_image(str(path), 64, "squash")
     assert x[0, 5, 32] > 200 and x[2, 60, 32] > 200  # upright: red on top, blue below
+
+
+def test_a_resumed_run_is_not_shown_as_finished(fold3_run, toy, tmp_path, monkeypatch):
+    run = copy_run(fold3_run, tmp_path / "run")
+    seen = []
+    one_epoch = train.train_one_epoch
+
+    def spy(*args, **kwargs):
+        seen.append((run / "metrics.json").exists())
+        return one_epoch(*args, **kwargs)
+    monkeypatch.setattr(train, "train_one_epoch", spy)
+    train.main(smoke_args(toy, run, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2", "--max-steps", "6",
+                          "--resume"))
+    assert seen == [False] and (run / "metrics.json").exists()  # gone while training, back when it finished
+    table, _ = evaluate.summarize(str(tmp_path))
+    assert "running or stopped" not in table
