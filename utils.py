@@ -45,18 +45,27 @@ def _atomic(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e) or \
-            "file write failed" in str(e)
-        if full:
-            raise DiskFull(f"no space left on device while writing {path}; the previous "
-                           f"{os.path.basename(path)} is intact") from None
+    except (OSError, RuntimeError) as e:
+        if _disk_full(e):
+            kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else \
+                f"no {os.path.basename(path)} was written"
+            raise DiskFull(f"no space left on device while writing {path}; {kept}") from None
         if isinstance(e, PermissionError):
             raise UserError(f"cannot write {path}: permission denied") from None
         raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _disk_full(e):
+    """ENOSPC anywhere in the exception chain: torch's zip writer turns a full disk into a RuntimeError
+    ("unexpected pos ...") raised while handling the OSError."""
+    while e is not None:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def atomic_save(obj, path):
