@@ -28,6 +28,11 @@ def roc(scores, labels):
     return np.r_[0, fps] / n, np.r_[0, tps] / p, np.r_[np.inf, s[last]]
 
 
+def auc(fpr, tpr):
+    """Area under the ROC curve, trapezoidal (exact for the step ROC with ties as one point)."""
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
 def accuracy(scores, labels, threshold):
     scores, labels = _arrays(scores, labels)
     return float(np.mean((scores >= np.float64(threshold)) == labels))
@@ -67,7 +72,7 @@ def verification_metrics(scores, labels, threshold):
                       f"AUC, EER and TAR@FAR are undefined (NaN)", stacklevel=2)
         return {**out, "auc": float("nan"), "eer": float("nan")}
     fpr, tpr, _ = roc(scores, labels)
-    out["auc"] = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    out["auc"] = auc(fpr, tpr)
     fnr = 1 - tpr
     i = int(np.argmax(fnr <= fpr))              # first point past the crossing (fnr falls, fpr rises)
     d0, d1 = fnr[i - 1] - fpr[i - 1], fnr[i] - fpr[i]

@@ -10,7 +10,7 @@ import io
 import numpy as np
 
 from data import KINDS
-from metrics import roc
+from metrics import auc, roc
 from utils import atomic_write
 
 
@@ -85,8 +85,7 @@ def plot_roc(scores, labels, kinds, path, title=""):
         sel = kinds == kind
         if sel.any() and 0 < labels[sel].sum() < sel.sum():
             fpr, tpr, _ = roc(scores[sel], labels[sel])
-            auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
-            ax.step(np.maximum(fpr, 1e-4), tpr, where="post", label=f"{kind} (AUC {auc:.3f})")
+            ax.step(np.maximum(fpr, 1e-4), tpr, where="post", label=f"{kind} (AUC {auc(fpr, tpr):.3f})")
     ax.set(xscale="log", xlim=(1e-4, 1), ylim=(0, 1.01), xlabel="false accept rate",
            ylabel="true accept rate", title=title or "ROC")
     ax.grid(alpha=0.3, which="both")
@@ -103,14 +102,14 @@ def _pair_image(a, b):
 
 
 def worst_errors(scores, labels, kinds, thresholds, per_group=8):
-    """{(kind, "false accepts" | "false rejects"): pair rows, most confidently wrong first}."""
+    """{(kind, "false accepts" | "false rejects"): (pair rows, most confidently wrong first; how many in all)}."""
     out = {}
     for kind in KINDS:
         t = thresholds[kind]
         fa = np.flatnonzero((kinds == kind) & (labels == 0) & (scores >= t))
         fr = np.flatnonzero((kinds == kind) & (labels == 1) & (scores < t))
-        out[kind, "false accepts"] = fa[np.argsort(-scores[fa], kind="stable")][:per_group]
-        out[kind, "false rejects"] = fr[np.argsort(scores[fr], kind="stable")][:per_group]
+        out[kind, "false accepts"] = fa[np.argsort(-scores[fa], kind="stable")][:per_group], len(fa)
+        out[kind, "false rejects"] = fr[np.argsort(scores[fr], kind="stable")][:per_group], len(fr)
     return out
 
 
@@ -119,7 +118,7 @@ def plot_errors(bank, pairs, kinds, scores, thresholds, path, per_group=8, title
     plt = _pyplot()
     groups = worst_errors(scores, pairs[:, 2], kinds, thresholds, per_group)
     fig, axes = plt.subplots(len(groups), per_group, figsize=(1.9 * per_group, 1.45 * len(groups)), squeeze=False)
-    for row, ((kind, what), rows) in enumerate(groups.items()):
+    for row, ((kind, what), (rows, total)) in enumerate(groups.items()):
         for col in range(per_group):
             ax = axes[row, col]
             ax.axis("off")
@@ -127,9 +126,7 @@ def plot_errors(bank, pairs, kinds, scores, thresholds, path, per_group=8, title
                 i = rows[col]
                 ax.imshow(_pair_image(*bank[[pairs[i, 0], pairs[i, 1]]]))
                 ax.set_title(f"{scores[i]:.3f}", fontsize=8, color="C3")
-        n_wrong = {"false accepts": int(((kinds == kind) & (pairs[:, 2] == 0) & (scores >= thresholds[kind])).sum()),
-                   "false rejects": int(((kinds == kind) & (pairs[:, 2] == 1) & (scores < thresholds[kind])).sum())}
-        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{n_wrong[what]} in all\nthreshold {thresholds[kind]:.3f}",
+        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{total} in all\nthreshold {thresholds[kind]:.3f}",
                           transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(title or "most confident test errors (score above each pair)", fontsize=9)
     fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.01, wspace=0.08, hspace=0.35)

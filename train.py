@@ -28,7 +28,7 @@ from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import plot_curves, plot_errors, plot_roc
-from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_dtype, atomic_save, atomic_write,
+from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, atomic_write,
                    git_revision, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
@@ -475,7 +475,7 @@ def fit(args, device, rank, world):
             log(f"{args.out}: {built}")
 
         ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
-               "autocast": torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
+               "autocast": amp_autocast(device, args.amp),
                "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0, "steps": steps}
         for epoch in range(start_epoch, args.epochs):
             # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
