@@ -355,8 +355,9 @@ def test_cli_errors_exit_2_and_debug_reraises(toy, tmp_path):
 
 def test_sigint_stops_with_the_command_that_continues(toy, tmp_path):
     out = tmp_path / "run"
-    cmd = ["train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
-           "--batch-size", "4", "--epochs", "3", "--lr", "1e-3", "--device", "cpu", "--out", str(out)]
+    # epochs long enough (64 px, 6 of them) that a busy machine cannot finish the run before the signal lands
+    cmd = ["train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained", "--img-size", "64",
+           "--batch-size", "4", "--epochs", "6", "--lr", "1e-3", "--device", "cpu", "--out", str(out)]
     for wait_for_epoch in (False, True):  # interrupted before any epoch is saved, then after one
         p = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -375,7 +376,7 @@ def test_sigint_stops_with_the_command_that_continues(toy, tmp_path):
         cmd = advice[1:]  # the advice is what runs next
     r = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "resumed" in r.stdout and json.load(open(out / "metrics.json"))["epochs_run"] == 3
+    assert "resumed" in r.stdout and json.load(open(out / "metrics.json"))["epochs_run"] == 6
 
 
 def test_fp16_overflow_skips_the_step(toy, tmp_path, monkeypatch):
