@@ -359,8 +359,9 @@ def test_sigint_stops_with_the_command_that_continues(toy, tmp_path):
     cmd = ["train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained", "--img-size", "64",
            "--batch-size", "4", "--epochs", "6", "--lr", "1e-3", "--device", "cpu", "--out", str(out)]
     for wait_for_epoch in (False, True):  # interrupted before any epoch is saved, then after one
+        # SIGINT at its default even when the suite itself was started in the background (where shells ignore it)
         p = subprocess.Popen([sys.executable, *cmd], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
+                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 120
         marker = out / ("history.csv" if wait_for_epoch else "log.txt")
         while time.time() < deadline and p.poll() is None and not marker.exists():
