@@ -243,30 +243,55 @@ class ImageBank:
         return self.images[torch.as_tensor(rows, device=self.images.device)]
 
 
-def preprocess(x, train=False):
+def preprocess(x, train=False, jitter=False):
     """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
     x = x.float() / 255
     if train:
-        x = augment(x)
+        x = augment(x, jitter=jitter)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def augment(x, max_degrees=20.0):
+def augment(x, max_degrees=20.0, jitter=False, max_scale=0.15, max_shift=0.1, max_color=0.3, p_gray=0.2):
     """Random horizontal flip and rotation in [-max_degrees, max_degrees], per image, batched.
 
-    x: (B, 3, H, W) float in [0, 1]; the corners rotated in are black. Parameters come from the CPU
-    generator, so runs repeat on any device."""
+    jitter adds a random zoom in [1 - max_scale, 1 + max_scale], a shift of up to max_shift of the side,
+    brightness, contrast and saturation factors in [1 - max_color, 1 + max_color] and grey with
+    probability p_gray. x: (B, 3, H, W) float in [0, 1]; the borders moved in are black. Parameters
+    come from the CPU generator, so runs repeat on any device."""
     b = x.shape[0]
     flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)                  # (B,)
     angle = (torch.rand(b) * 2 - 1) * math.radians(max_degrees)         # (B,)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # Output->input sampling matrix: rotation composed with a mirror of the x axis.
-    theta = torch.stack([torch.stack([flip * cos, -sin, torch.zeros(b)], 1),
-                         torch.stack([flip * sin, cos, torch.zeros(b)], 1)], 1)  # (B, 2, 3)
+    zoom, shift = torch.ones(b), torch.zeros(2, b)
+    if jitter:
+        zoom = 1 + (torch.rand(b) * 2 - 1) * max_scale                  # > 1 shows more of the image
+        shift = (torch.rand(2, b) * 2 - 1) * 2 * max_shift              # in [-1, 1] grid units
+    cos, sin = zoom * torch.cos(angle), zoom * torch.sin(angle)
+    # Output->input sampling matrix: rotation and zoom composed with a mirror of the x axis, then a shift.
+    theta = torch.stack([torch.stack([flip * cos, -sin, shift[0]], 1),
+                         torch.stack([flip * sin, cos, shift[1]], 1)], 1)  # (B, 2, 3)
     grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if jitter:
+        x = color_jitter(x, max_color, p_gray)
+    return x
+
+
+def color_jitter(x, max_color=0.3, p_gray=0.2):
+    """Per-image brightness, contrast and saturation factors in [1 - max_color, 1 + max_color], then grey
+    with probability p_gray (the torchvision ColorJitter/RandomGrayscale operations, batched)."""
+    b = x.shape[0]
+    factors = (1 + (torch.rand(3, b) * 2 - 1) * max_color).to(x.device, x.dtype).view(3, b, 1, 1, 1)
+    gray_p = (torch.rand(b) < p_gray).to(x.device, x.dtype).view(b, 1, 1, 1)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    x = x * factors[0]                                                           # brightness
+    mean_gray = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)    # (B, 1, 1, 1)
+    x = (x - mean_gray) * factors[1] + mean_gray                                 # contrast
+    gray = (x * weights).sum(1, keepdim=True)                                    # (B, 1, H, W)
+    x = (x - gray) * factors[2] + gray                                           # saturation
+    x = x * (1 - gray_p) + gray * gray_p
+    return x.clamp(0, 1)
 
 
 class PairSet:

@@ -26,8 +26,11 @@ BACKBONES = {
 }
 
 
-def build_backbone(name, pretrained=True):
-    """A torchvision network without its ImageNet classifier -> (module, feature dim)."""
+def build_backbone(name, pretrained=True, pool="avg", img_size=224):
+    """A torchvision network without its ImageNet classifier -> (module, feature dim).
+
+    pool (ResNets): avg = torchvision's global average pool; flatten = the final feature map flattened,
+    which keeps where on the face a feature is (arcface_torch's heads do this)."""
     tv_name = BACKBONES[name]
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT if pretrained else None
     try:
@@ -42,6 +45,11 @@ def build_backbone(name, pretrained=True):
         return nn.Sequential(net.features, net.avgpool, nn.Flatten()), 512 * 7 * 7
     dim = net.fc.in_features
     net.fc = nn.Identity()
+    if pool == "flatten":
+        net.avgpool = nn.Identity()  # torchvision's forward then flattens the (C, h, w) map
+        with torch.no_grad():
+            dim = net.eval()(torch.zeros(1, 3, img_size, img_size)).shape[1]
+        net.train()
     return net, dim
 
 
@@ -64,11 +72,12 @@ class SiameseNet(nn.Module):
     """
 
     def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=512, num_logits=2,
-                 hidden=512, dropout=0.5, freeze=0.0, fix_bn_scale=False):
+                 hidden=512, dropout=0.5, freeze=0.0, fix_bn_scale=False, embed_dropout=0.0):
         super().__init__()
         self.arch = arch
         self.backbone = backbone
         self.frozen, self.num_layers = freeze_layers(backbone, freeze)
+        self.drop = nn.Dropout(embed_dropout)  # on the backbone's feature, before the neck (arcface_torch's `dropout`)
         if arch == 2:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.BatchNorm1d(embed_dim))
             if fix_bn_scale:  # arcface_torch's `features` BatchNorm: scale held at 1, only the shift learns
@@ -100,7 +109,7 @@ class SiameseNet(nn.Module):
         return self
 
     def embed(self, x):
-        return self.neck(self.backbone(x))  # (N, D)
+        return self.neck(self.drop(self.backbone(x)))  # (N, D)
 
     def compare(self, f1, f2):
         if self.arch == 1:
@@ -127,8 +136,10 @@ def pair_score(out):
 def build_model(args):
     """The network a run's arguments ask for (a dict or an argparse namespace)."""
     a = args if isinstance(args, dict) else vars(args)
-    backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False))
+    backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False), a.get("pool", "avg"),
+                                   a.get("img_size", 224))
     model = SiameseNet(backbone, dim, arch=a["arch"], variation=a.get("variation", False),
                        embed_dim=a.get("embed_dim", 512), num_logits=2 if a["loss"] == "ce" else 1,
-                       freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False))
+                       freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False),
+                       embed_dropout=a.get("dropout", 0.0))
     return model

@@ -34,11 +34,11 @@ from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
              "test_scores.csv", "errors.png")
 # A checkpoint is only usable with the flags that shaped its network and loss ...
-MODEL_KEYS = ("arch", "variation", "loss", "backbone", "embed_dim", "img_size")
+MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "augment", "margin", "scale", "freeze",
-                         "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias", "schedule", "warmup_epochs",
-                         "batch_size", "seed", "amp")
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "augment", "jitter", "margin", "scale",
+                         "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias",
+                         "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
 
@@ -64,6 +64,11 @@ def get_args_parser():
                    help="loss margin (default: cosine 0.5, arcface 0.3, cosface 0.35)")
     g.add_argument("--scale", type=float, default=None,
                    help="arcface/cosface logit scale s (default: 32; the papers' 64 suits many more classes)")
+    g.add_argument("--pool", type=str, default="avg", choices=["avg", "flatten"],
+                   help="ResNets: avg = global average pool of the last feature map (torchvision); flatten = the "
+                        "map flattened, keeping the layout of the face (arcface_torch) (default: avg)")
+    g.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout on the backbone's feature, before the embedding layer (default: 0)")
     g.add_argument("--fix-bn-scale", action=argparse.BooleanOptionalAction, default=True,
                    help="arch 2: keep the embedding BatchNorm's scale at 1, as arcface_torch does (default: on)")
 
@@ -85,6 +90,9 @@ def get_args_parser():
                         "(default: identities)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip + rotation up to 20 degrees while training (default: on)")
+    g.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --augment, also a random zoom (+-15%%), shift (+-10%%), brightness, contrast and "
+                        "saturation (+-30%%) and grey (p 0.2) (default: off)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
                    help="keep decoded images on disk here, so later runs start at once (default: off)")
@@ -137,6 +145,12 @@ def check_args(args):
         raise UserError("--variation only applies to --arch 1")
     if not 0 <= args.freeze < 1:
         raise UserError(f"--freeze must be in [0, 1), got {args.freeze}")
+    if args.pool == "flatten" and args.backbone.startswith("vgg"):
+        raise UserError("--pool flatten is for ResNets: VGG's feature is already its flattened 7x7 map")
+    if not 0 <= args.dropout < 1:
+        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.jitter and not args.augment:
+        raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
     for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
@@ -267,7 +281,8 @@ def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, ep
     for step in range(n_batches):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         inputs, target = train_set.batch(bank, idx, swap=True)
-        inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment) for x in inputs]
+        inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment, jitter=args.jitter)
+                  for x in inputs]
         if ctx["channels_last"]:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         target = target.to(device, non_blocking=True)

@@ -253,3 +253,46 @@ def test_image_bank_refuses_an_image_it_does_not_hold(toy):
     assert bank[[2, 0]].shape == (2, 3, 32, 32)
     with pytest.raises(IndexError, match=r"\[5\]"):
         bank[[0, 5]]
+
+
+def test_jitter_zooms_shifts_and_changes_colour_within_its_bounds():
+    img = torch.zeros(400, 3, 64, 64)
+    img[:, :, 24:40, 24:40] = 0.5                                          # a grey square in the centre
+    torch.manual_seed(0)
+    plain = data.augment(img, max_degrees=0.0)
+    assert torch.allclose(plain.sum((1, 2, 3)), img.sum((1, 2, 3)), rtol=1e-3)  # flips move nothing here
+    torch.manual_seed(0)
+    out = data.augment(img, max_degrees=0.0, jitter=True, max_color=0.0, p_gray=0.0)
+    w = out[:, 0]
+    area = (w > 0.25).flatten(1).sum(1).float()                            # square's area, zoomed
+    side = area.sqrt() / 16                                                # 1 / zoom, zoom in [0.85, 1.15]
+    assert side.min() > 1 / 1.17 and side.max() < 1 / 0.83
+    assert side.min() < 1 / 1.1 and side.max() > 1 / 0.9                  # and the range is used
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    cx = (w * xs).sum((1, 2)) / w.sum((1, 2)) - 31.5                       # centre's shift in pixels
+    assert cx.abs().max() < 0.1 * 64 * 1.15 + 1 and cx.abs().max() > 4
+    torch.manual_seed(0)
+    colour = data.augment(img, max_degrees=0.0, jitter=True)
+    assert colour.min() >= 0 and colour.max() <= 1
+    grey = (colour[:, 0] == colour[:, 1]).flatten(1).all(1) & (colour[:, 1] == colour[:, 2]).flatten(1).all(1)
+    assert grey.all()  # a grey image stays grey whatever the saturation
+    rgb = torch.rand(1, 3, 16, 16).expand(400, 3, 16, 16).contiguous()
+    torch.manual_seed(0)
+    jittered = data.color_jitter(rgb)
+    grey = (jittered[:, 0] == jittered[:, 1]).flatten(1).all(1)
+    assert 40 < int(grey.sum()) < 120                                      # about p_gray = 0.2 turned grey
+    brightness = jittered.mean((1, 2, 3)) / rgb.mean((1, 2, 3))
+    assert brightness.min() > 0.6 and brightness.max() < 1.4 and brightness.std() > 0.05
+
+
+def test_without_jitter_augment_draws_as_before():
+    """--jitter off keeps the random stream, so runs made before it existed repeat bit for bit."""
+    x = torch.rand(8, 3, 32, 32)
+    torch.manual_seed(0)
+    a = data.augment(x)
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    torch.rand(8), torch.rand(8)                                           # flip, angle: all it draws
+    assert torch.equal(after, torch.rand(1))
+    torch.manual_seed(0)
+    assert not torch.equal(a, data.augment(x, jitter=True))

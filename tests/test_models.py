@@ -150,3 +150,34 @@ def test_embedding_batchnorm_scale_fixed():
     fixed.train()
     fixed(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
     assert fixed.neck[1].weight.grad is None and torch.equal(fixed.neck[1].weight, torch.ones(512))
+
+
+@pytest.mark.parametrize("size, cells", [(64, 4), (96, 9), (112, 16)])
+def test_flatten_pool_keeps_the_feature_map_layout(size, cells):
+    net = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "pool": "flatten",
+                              "img_size": size})
+    assert net.neck[0].in_features == 512 * cells                          # 2x2, 3x3, 4x4 maps
+    x = torch.randn(2, 3, size, size)
+    net.eval()
+    emb = net(x)
+    assert emb.shape == (2, 512)
+    # The flattened map is the average pool's input: its mean over the cells is the pooled feature.
+    avg = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "img_size": size}).eval()
+    avg.backbone.load_state_dict(net.backbone.state_dict())
+    feat = net.backbone(x)
+    assert feat.shape == (2, 512 * cells)
+    assert torch.allclose(feat.view(2, 512, cells).mean(2), avg.backbone(x), atol=1e-5)
+
+
+def test_dropout_acts_on_the_feature_in_training_only():
+    net = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "dropout": 0.5})
+    x = torch.randn(4, 3, 64, 64)
+    assert isinstance(net.drop, torch.nn.Dropout) and net.drop.p == 0.5
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    plain = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface"})
+    assert net.state_dict().keys() == plain.state_dict().keys()           # old checkpoints still load
+    net.train()
+    torch.manual_seed(0)
+    a = net.neck[0](net.drop(net.backbone(x)))
+    assert not torch.allclose(a, net.neck[0](net.backbone(x)))
