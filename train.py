@@ -39,6 +39,9 @@ MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "embed_dim", "img
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "augment", "jitter", "margin", "scale",
                          "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias",
                          "schedule", "warmup_epochs", "batch_size", "seed", "amp")
+# What a run made before a setting existed ran with (its saved args lack the key).
+EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0}
+MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
 
@@ -67,8 +70,9 @@ def get_args_parser():
     g.add_argument("--pool", type=str, default="avg", choices=["avg", "flatten"],
                    help="ResNets: avg = global average pool of the last feature map (torchvision); flatten = the "
                         "map flattened, keeping the layout of the face (arcface_torch) (default: avg)")
-    g.add_argument("--dropout", type=float, default=0.0,
-                   help="dropout on the backbone's feature, before the embedding layer (default: 0)")
+    g.add_argument("--dropout", type=float, default=None,
+                   help="dropout on the backbone's feature, before the embedding layer (default: arcface and "
+                        f"cosface {MARGIN_DROPOUT}, the pair losses 0)")
     g.add_argument("--fix-bn-scale", action=argparse.BooleanOptionalAction, default=True,
                    help="arch 2: keep the embedding BatchNorm's scale at 1, as arcface_torch does (default: on)")
 
@@ -138,6 +142,8 @@ def check_args(args):
     """Fill the loss default and refuse impossible combinations, before anything is read or written."""
     if args.loss is None:
         args.loss = ARCH_LOSSES[args.arch][0]
+    if args.dropout is None:
+        args.dropout = MARGIN_DROPOUT if LOSSES[args.loss].sampling == "images" else 0.0
     if args.loss not in ARCH_LOSSES[args.arch]:
         raise UserError(f"--loss {args.loss} does not fit --arch {args.arch} "
                         f"(choose from {', '.join(ARCH_LOSSES[args.arch])})")
@@ -184,6 +190,7 @@ def check_run_folder(args):
 
 def check_compatible(saved, args, source, keys=MODEL_KEYS):
     """Refuse a checkpoint whose settings differ from the ones asked for, naming each difference."""
+    saved = {**EARLIER_DEFAULTS, **saved}
     diff = [f"--{k.replace('_', '-')} {saved.get(k)} vs {getattr(args, k)}" for k in keys
             if k in saved and saved[k] != getattr(args, k)]
     if diff:
