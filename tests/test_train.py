@@ -292,15 +292,20 @@ def test_best_epoch_is_the_best_validation_accuracy(toy, tmp_path, monkeypatch):
 
 
 def test_training_learns(toy, tmp_path):
-    """On the tiny toy set (12 training identities), a short run separates unseen identities well.
+    """On the tiny toy set (12 training identities), a short run fits its identities and pulls apart the
+    embeddings of unseen ones (the validation folds' people).
 
-    The bar is above what the untrained network gets (lr 1e-9: accuracy 0.84, AUC 0.91 for both losses).
-    Without dropout: it regularises long runs on real faces, and slows a three-epoch one."""
+    Measured on two x86 CPUs at 1 and 2 threads: the final training loss 0.6-1.0 and the validation cosine
+    gap (mean of same pairs minus mean of different pairs) 0.53-0.70; the untrained network (lr 1e-9) stays at
+    loss 13-15 and gap 0.28. Test accuracy is not the bar: on 32 pairs it moves 0.75-1.0 between those
+    machines. Without dropout: it regularises long runs on real faces, and slows a short one."""
     for loss in ("arcface", "cosface"):
-        m = train.main(smoke_args(toy, tmp_path / loss, "--loss", loss, "--epochs", "3", "--batch-size", "16",
-                                  "--lr", "2e-3", "--dropout", "0"))
-        assert m["test_acc"] >= 0.9, (loss, m["test_acc"])
-        assert m["test"]["all"]["auc"] >= 0.97, (loss, m["test"]["all"])
+        train.main(smoke_args(toy, tmp_path / loss, "--loss", loss, "--epochs", "4", "--batch-size", "16",
+                              "--lr", "1e-3", "--dropout", "0"))
+        with open(tmp_path / loss / "history.csv") as f:
+            last = list(csv.DictReader(f))[-1]
+        assert float(last["train_loss"]) < np.log(12), (loss, last)
+        assert float(last["val_score_same"]) - float(last["val_score_diff"]) > 0.45, (loss, last)
 
 
 def test_training_set_holds_no_validation_or_test_identity(toy, tmp_path, monkeypatch):
