@@ -152,7 +152,7 @@ run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold09
 run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
 
 # ---- Learning from CFP alone (README: "Learning faces from CFP alone"), seed split ----
-# scratch-r18: the study's best test run (results/cfp-seed/r18_arcface_64px_squash_dropout06: val 0.813, test
+# scratch-r18: the study's best FF and FP (results/cfp-seed/r18_arcface_64px_squash_dropout06: val 0.813, test
 # 0.810, FF 0.847, FP 0.789): ResNet18 from random init, ArcFace, 64 px stretched, dropout 0.6, bf16 autocast,
 # 20 epochs: about 10 minutes on one core of a 2-core x86 CPU with AVX-512-BF16. Seed: none
 run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropout06 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --resize squash --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
