@@ -5,11 +5,12 @@ Official layout (Sengupta et al., WACV 2016):
     ROOT/Data/Images/NNN/{frontal,profile}/NN.jpg
     ROOT/Protocol/Pair_list_F.txt, Pair_list_P.txt      "INDEX PATH", PATH relative to Protocol/
     ROOT/Protocol/Split/{FF,FP}/01..10/{same,diff}.txt  "i,j", 1-based; FF: frontal,frontal; FP: frontal,profile
+    ROOT/Data/Fiducials/NNN/{frontal,profile}/NN.txt     30 landmarks, "x,y" per line (align.py), optional
 
-Every image is decoded and resized once into a uint8 tensor; augmentation and
+Every image is decoded, aligned or resized once into a uint8 tensor; augmentation and
 normalisation then run on whole batches, on the training device.
 
-    python data.py --check DIR      summary of a dataset folder, non-zero exit on the first problem
+    python data.py --check DIR      summary of a dataset folder and its landmarks, non-zero exit on the first problem
     python data.py --make-toy DIR   write a small synthetic dataset in the same layout
 """
 import argparse
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
 
+from align import NUM_POINTS
 from utils import UserError, atomic_save, run_cli
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,6 +50,7 @@ class CFP:
     identity: np.ndarray  # (N,) int, from the identity folder name
     profile: np.ndarray   # (N,) bool
     folds: dict           # fold (1-based int) -> {"FF": (P, 3), "FP": (P, 3)}, rows (a, b, same)
+    landmarks: np.ndarray = None  # (N, 30, 2) float, image pixels; None when the dataset has no Data/Fiducials
 
     def pairs(self, folds, kinds=KINDS):
         """All pairs of the given folds as (P, 3) int64 rows (a, b, same), and each row's kind."""
@@ -111,6 +114,44 @@ def _read_pairs(path, n_first, n_second, offset):
     return rows
 
 
+def landmark_file(root, image_path):
+    """Data/Images/NNN/frontal/NN.jpg -> Data/Fiducials/NNN/frontal/NN.txt (None outside Data/Images)."""
+    rel = os.path.relpath(image_path, os.path.join(os.path.abspath(root), "Data", "Images"))
+    if rel.startswith(os.pardir):
+        return None
+    return os.path.join(os.path.abspath(root), "Data", "Fiducials", os.path.splitext(rel)[0] + ".txt")
+
+
+def read_landmarks(path):
+    """A landmark file -> (30, 2) float64: one 'x,y' line per point, in image pixels."""
+    points = []
+    for n, line in _read_lines(path):
+        parts = line.split(",")
+        try:
+            x, y = (float(p) for p in parts)
+        except ValueError:
+            raise DataError(f"{path}:{n}: expected 'x,y' with two numbers, got {quote(line)}") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise DataError(f"{path}:{n}: landmark {quote(line)} is not finite")
+        points.append((x, y))
+    if len(points) != NUM_POINTS:
+        raise DataError(f"{path}: {len(points)} landmarks, expected {NUM_POINTS}")
+    return np.array(points)
+
+
+def load_landmarks(root, paths):
+    """Every image's landmarks (N, 30, 2), or None when the dataset has no Data/Fiducials folder."""
+    if not os.path.isdir(os.path.join(root, "Data", "Fiducials")):
+        return None
+    files = [landmark_file(root, p) for p in paths]
+    for p, f in zip(paths, files):
+        if f is None:
+            raise DataError(f"image {p} is not under Data/Images: its landmark file cannot be found")
+        if not os.path.isfile(f):
+            raise DataError(f"missing landmark file {f} (for {p})")
+    return np.stack([read_landmarks(f) for f in files])
+
+
 def load_cfp(root):
     """Parse the protocol of a CFP-layout folder. Images are not opened here."""
     if not root or not os.path.isdir(root):
@@ -135,8 +176,8 @@ def load_cfp(root):
             diff = _read_pairs(os.path.join(d, "diff.txt"), len(frontal), n_second, offset)
             folds[k][kind] = np.array([(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff],
                                       dtype=np.int64).reshape(-1, 3)
-    return CFP(root, paths, identity.astype(np.int64),
-               np.arange(len(paths)) >= len(frontal), folds)
+    return CFP(root, paths, identity.astype(np.int64), np.arange(len(paths)) >= len(frontal), folds,
+               load_landmarks(root, paths))
 
 
 def split_folds(protocol, test_fold=None):
@@ -178,13 +219,30 @@ def to_square(im, size, resize="pad"):
     raise ValueError(f"unknown resize mode {resize!r}")
 
 
-def decode_image(path, size, resize="pad"):
-    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB."""
+def warp(im, matrix, size):
+    """PIL image -> size x size through `matrix` (3x3, the image's pixels -> the output's pixels).
+
+    A large image is first shrunk by a box filter to at most twice the output's scale, so that the
+    bilinear sampling of the warp does not alias."""
+    scale = math.sqrt(abs(np.linalg.det(matrix[:2, :2])))  # output pixels per image pixel
+    k = max(1, int(0.5 / scale))
+    if k > 1:
+        im = im.reduce(k)
+    inverse = np.diag([1 / k, 1 / k, 1.0]) @ np.linalg.inv(matrix)  # output pixel -> (shrunk) image pixel
+    return im.transform((size, size), Image.AFFINE, tuple(inverse[:2].ravel()), Image.BILINEAR)
+
+
+def decode_image(path, size, resize="pad", matrix=None):
+    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
+
+    With matrix (3x3, from align.py), the face is warped by it instead of the whole image resized."""
     try:
         with Image.open(path) as im:
-            im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
+            if matrix is None:
+                im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
             im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
-            im = to_square(im.convert("RGB"), size, resize)
+            im = im.convert("RGB")
+            im = to_square(im, size, resize) if matrix is None else warp(im, matrix, size)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -192,26 +250,31 @@ def decode_image(path, size, resize="pad"):
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
-def _cache_file(cache_dir, paths, size, resize):
+def _cache_file(cache_dir, paths, size, resize, matrices=None):
     h = hashlib.sha1(f"{size}{resize}".encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return os.path.join(cache_dir, f"cfp_{size}px_{resize}_{len(paths)}img_{h.hexdigest()[:16]}.pt")
+    view = resize
+    if matrices is not None:  # aligned: the warps are part of what was decoded
+        h.update(np.ascontiguousarray(np.asarray(matrices, dtype=np.float64).round(6)).tobytes())
+        view = "aligned"
+    return os.path.join(cache_dir, f"cfp_{size}px_{view}_{len(paths)}img_{h.hexdigest()[:16]}.pt")
 
 
-def load_images(paths, size, workers=2, cache_dir="", resize="pad"):
-    """Decode and resize every path once: (N, 3, size, size) uint8.
+def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None):
+    """Decode every path once, resized whole or warped by its matrix (align.py): (N, 3, size, size) uint8.
 
-    With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes and
-    the image size, so later runs skip decoding."""
-    cache = _cache_file(cache_dir, paths, size, resize) if cache_dir else None
+    With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes, the image
+    size and the warps, so later runs skip decoding."""
+    cache = _cache_file(cache_dir, paths, size, resize, matrices) if cache_dir else None
     if cache and os.path.isfile(cache):
         return torch.load(cache, weights_only=True)
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    matrices = [None] * len(paths) if matrices is None else matrices
     # Pillow releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in enumerate(pool.map(lambda p: decode_image(p, size, resize), paths)):
+        for i, img in enumerate(pool.map(lambda p, m: decode_image(p, size, resize, m), paths, matrices)):
             out[i] = img
     if cache:
         os.makedirs(cache_dir, exist_ok=True)
@@ -222,7 +285,7 @@ def load_images(paths, size, workers=2, cache_dir="", resize="pad"):
 class ImageBank:
     """The uint8 images a run needs, and the map from dataset index to row."""
 
-    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad"):
+    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad", aligner=None):
         self.indices = np.unique(indices)
         self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
         self.row[self.indices] = np.arange(len(self.indices))
@@ -231,7 +294,12 @@ class ImageBank:
             raise DataError(f"--img-size {size}: the decoded images would need {need / 2**30:.1f} GiB "
                             f"({len(self.indices)} x 3 x {size} x {size} bytes), more than this machine's "
                             f"{memory / 2**30:.0f} GiB of memory allows; choose a smaller --img-size")
-        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir, resize)
+        matrices = None
+        if aligner is not None:  # each face warped by its own landmarks (align.py)
+            if cfp.landmarks is None:
+                raise DataError(f"{cfp.root} has no Data/Fiducials landmarks to align faces by; use --align none")
+            matrices = [aligner.matrix(cfp.landmarks[i], cfp.profile[i], size) for i in self.indices]
+        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir, resize, matrices)
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
 

@@ -26,11 +26,12 @@ BACKBONES = {
 }
 
 
-def build_backbone(name, pretrained=True, pool="avg", img_size=224):
+def build_backbone(name, pretrained=True, pool="avg", img_size=224, maxpool=True):
     """A torchvision network without its ImageNet classifier -> (module, feature dim).
 
     pool (ResNets): avg = torchvision's global average pool; flatten = the final feature map flattened,
-    which keeps where on the face a feature is (arcface_torch's heads do this)."""
+    which keeps where on the face a feature is (arcface_torch's heads do this). maxpool=False (ResNets)
+    drops the stem's max-pool: small faces keep twice the resolution through every stage."""
     tv_name = BACKBONES[name]
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT if pretrained else None
     try:
@@ -45,6 +46,8 @@ def build_backbone(name, pretrained=True, pool="avg", img_size=224):
         return nn.Sequential(net.features, net.avgpool, nn.Flatten()), 512 * 7 * 7
     dim = net.fc.in_features
     net.fc = nn.Identity()
+    if not maxpool:
+        net.maxpool = nn.Identity()
     if pool == "flatten":
         net.avgpool = nn.Identity()  # torchvision's forward then flattens the (C, h, w) map
         with torch.no_grad():
@@ -137,7 +140,7 @@ def build_model(args):
     """The network a run's arguments ask for (a dict or an argparse namespace)."""
     a = args if isinstance(args, dict) else vars(args)
     backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False), a.get("pool", "avg"),
-                                   a.get("img_size", 224))
+                                   a.get("img_size", 224), a.get("maxpool", True))
     model = SiameseNet(backbone, dim, arch=a["arch"], variation=a.get("variation", False),
                        embed_dim=a.get("embed_dim", 512), num_logits=2 if a["loss"] == "ce" else 1,
                        freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False),

@@ -4,6 +4,7 @@
                  accuracy (all pairs, FF, FP), the best epoch marked
     roc.png      test ROC of FF and FP, FAR on a log axis
     errors.png   the test pairs the model got most confidently wrong, FF and FP: false accepts and rejects
+    inputs.png   what the network sees: a training batch after augmentation, validation frontal and profile faces
 """
 import io
 
@@ -142,4 +143,20 @@ def plot_pair(a, b, score, threshold, verdict, path):
     ax.set_title(f"{verdict}: score {score:.4f} {'>=' if score >= threshold else '<'} threshold {threshold:.4f}",
                  fontsize=9)
     fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_inputs(rows, path, per_row=16, title=""):
+    """What the network sees: rows {label: uint8 (N, 3, H, W)}, each drawn as one strip of up to per_row faces."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.8, 1.0 * len(rows) + 0.4), squeeze=False)
+    for ax, (label, images) in zip(axes[:, 0], rows.items()):
+        images = images[:per_row].cpu()
+        gap = np.full((images.shape[2], 2, 3), 255, np.uint8)
+        strip = [piece for x in images for piece in (x.permute(1, 2, 0).numpy(), gap)]
+        ax.imshow(np.concatenate(strip, 1) if strip else np.zeros((1, 1, 3), np.uint8))
+        ax.set_title(label, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.02, hspace=0.3)
     _save(fig, path)

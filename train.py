@@ -21,26 +21,28 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, load_cfp, make_toy,
+from align import ALIGN_MODES, Aligner
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, make_toy,
                   preprocess, split_folds)
 from evaluate import dataset_label, evaluate, write_scores
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
-from plots import plot_curves, plot_errors, plot_roc
+from plots import plot_curves, plot_errors, plot_inputs, plot_roc
 from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, atomic_write,
                    git_revision, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
-             "test_scores.csv", "errors.png")
+             "test_scores.csv", "errors.png", "inputs.png")
 # A checkpoint is only usable with the flags that shaped its network and loss ...
-MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "embed_dim", "img_size")
+MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "augment", "jitter", "margin", "scale",
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "align", "align_margin", "augment", "jitter", "margin", "scale",
                          "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias",
                          "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
-EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0}
+EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0, "align": "none", "align_margin": 1.25,
+                    "maxpool": True}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -70,6 +72,9 @@ def get_args_parser():
     g.add_argument("--pool", type=str, default="avg", choices=["avg", "flatten"],
                    help="ResNets: avg = global average pool of the last feature map (torchvision); flatten = the "
                         "map flattened, keeping the layout of the face (arcface_torch) (default: avg)")
+    g.add_argument("--maxpool", action=argparse.BooleanOptionalAction, default=True,
+                   help="ResNets: keep the stem's max-pool (torchvision); --no-maxpool halves the stride once, so "
+                        "a 64 px face ends as a 4x4 map instead of 2x2, at about 4x the compute (default: on)")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout on the backbone's feature, before the embedding layer (default: arcface and "
                         f"cosface {MARGIN_DROPOUT}, the pair losses 0)")
@@ -88,6 +93,13 @@ def get_args_parser():
     g.add_argument("--resize", type=str, default="pad", choices=RESIZE_MODES,
                    help="to the square: pad (keep the aspect ratio, black borders), crop (centre square) or "
                         "squash (stretch, the seed's transform) (default: pad)")
+    g.add_argument("--align", type=str, default=None, choices=ALIGN_MODES,
+                   help="faces by the dataset's landmarks (align.py): template = a similarity transform onto the "
+                        "training faces' mean shape, one for frontal faces and one for profiles, profiles mirrored "
+                        "to face right; box = a square around the landmarks; none = the whole image by --resize "
+                        "(default: template when the dataset has Data/Fiducials, else none)")
+    g.add_argument("--align-margin", type=float, default=1.25,
+                   help="with --align: the square's side as a multiple of the face box's larger side (default: 1.25)")
     g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
                    help="pair losses: identities = fresh balanced FF/FP same/different pairs every epoch from all "
                         "images of the training identities; protocol = the protocol's fixed pairs, as the seed "
@@ -155,6 +167,10 @@ def check_args(args):
         raise UserError("--pool flatten is for ResNets: VGG's feature is already its flattened 7x7 map")
     if not 0 <= args.dropout < 1:
         raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 1 <= args.align_margin <= 4:
+        raise UserError(f"--align-margin must be in [1, 4], got {args.align_margin}")
+    if not args.maxpool and args.backbone.startswith("vgg"):
+        raise UserError("--no-maxpool is for ResNets: VGG has no stem max-pool")
     if args.jitter and not args.augment:
         raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
     for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
@@ -380,6 +396,8 @@ def fit(args, device, rank, world):
     resume = None
     if args.resume:  # read and vet it before spending minutes on data
         resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
+        if args.align is None:  # a resumed run keeps the alignment it started with
+            args.align = {**EARLIER_DEFAULTS, **resume["args"]}["align"]
         check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
     log = Logger() if is_main else (lambda *a: None)
     torch.manual_seed(args.seed)
@@ -401,6 +419,7 @@ def fit(args, device, rank, world):
         dist.barrier()
     cfp = load_cfp(args.data_root)
     folds = split_folds(args.protocol, args.test_fold)
+    aligner = build_aligner(args, cfp, folds["train"], resume)
     if LOSSES[args.loss].sampling == "images":
         train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
     elif args.pairs_from == "identities":
@@ -415,11 +434,11 @@ def fit(args, device, rank, world):
     needed = np.concatenate([cfp.images_of(folds["train"]), val_pairs[:, :2].ravel(), test_pairs[:, :2].ravel()])
     t = time.time()
     bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
-                     device if device.type == "cuda" else "cpu", resize=args.resize)
+                     device if device.type == "cuda" else "cpu", resize=args.resize, aligner=aligner)
     log(f"data: {len(train_set)} training {train_set.sampling} per epoch (folds {folds['train']}"
         f"{', drawn from identities' if isinstance(train_set, IdentityPairSet) else ''}), {len(val_pairs)} "
         f"validation pairs {folds['val']}, {len(test_pairs)} test pairs {folds['test']}; "
-        f"{len(bank.indices)} images at {args.img_size}px ({args.resize}) decoded in {time.time() - t:.1f}s")
+        f"{len(bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in {time.time() - t:.1f}s")
 
     # channels_last: cuDNN's and oneDNN's fast layout for convolutions (on the CPU it pays with bf16)
     channels_last = device.type == "cuda" or dtype is not None
@@ -483,7 +502,9 @@ def fit(args, device, rank, world):
                            {"args": vars(args), "command": command, "git": git_revision(),
                             "torch": torch.__version__, "device": str(device), "world_size": world,
                             "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
-                            "selected_by": SELECTED_BY, "built": built})
+                            "selected_by": SELECTED_BY, "built": built,
+                            "aligner": aligner and {"mode": aligner.mode, "margin": aligner.margin,
+                                                    "templates_from_folds": folds["train"]}})
             else:
                 try:
                     with open(os.path.join(args.out, "config.json")) as f:
@@ -495,6 +516,9 @@ def fit(args, device, rank, world):
                                                          "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
                 write_json(os.path.join(args.out, "config.json"), config)
             log(f"{args.out}: {built}")
+            plot_inputs(input_samples(train_set, bank, val_pairs, cfp, args),
+                        os.path.join(args.out, "inputs.png"), title=f"{os.path.basename(args.out)}: what the "
+                        f"network sees ({view_name(args)}, {args.img_size}px)")
 
         ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
                "autocast": amp_autocast(device, args.amp),
@@ -520,7 +544,7 @@ def fit(args, device, rank, world):
             if is_main:
                 state = {"model": model.state_dict(), "criterion": criterion.state_dict(), "args": vars(args),
                          "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
-                         "val_acc": val["val_acc"], "val": val}
+                         "val_acc": val["val_acc"], "val": val, "aligner": aligner and aligner.state()}
                 if val["val_acc"] > best["val_acc"]:
                     best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
                     atomic_save(state, os.path.join(args.out, "best.pt"))
@@ -566,6 +590,39 @@ def fit(args, device, rank, world):
     if world > 1:
         dist.destroy_process_group()
     return metrics
+
+
+def build_aligner(args, cfp, train_folds, resume=None):
+    """--align resolved against the dataset, and the Aligner it asks for (None for --align none). Template
+    alignment takes its templates from the training folds' faces (or, resuming, from the checkpoint)."""
+    if args.align is None:
+        args.align = "template" if cfp.landmarks is not None else "none"
+    if args.align == "none":
+        return None
+    if cfp.landmarks is None:
+        raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files; "
+                        f"use --align none")
+    if resume and resume.get("aligner"):
+        return Aligner(**resume["aligner"])
+    images = cfp.images_of(train_folds)
+    return Aligner.fit(args.align, args.align_margin, cfp.landmarks[images], cfp.profile[images])
+
+
+def view_name(args):
+    return args.resize if args.align == "none" else f"{args.align}-aligned, margin {args.align_margin:g}"
+
+
+def input_samples(train_set, bank, val_pairs, cfp, args, n=16):
+    """A training batch after augmentation and validation faces of each pose, as uint8 images."""
+    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n]
+    inputs, _ = train_set.batch(bank, idx)
+    x = inputs[0].float() / 255
+    train = augment(x, jitter=args.jitter) if args.augment else x
+    val = np.unique(val_pairs[:, :2])
+    rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (train * 255).round().byte()}
+    for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):
+        rows[name] = bank[val[sel][:: max(1, sel.sum() // n)][:n]]
+    return rows
 
 
 class Interrupted(UserError):
