@@ -83,7 +83,13 @@ def mean_shape(shapes, iters=10):
     mean = shapes.mean(0)
     for _ in range(iters):
         mean = mean / np.linalg.norm(mean)
-        fitted = np.stack([apply(similarity(s, mean), s) for s in shapes])
+        # every shape rotated and scaled onto the mean at once (similarity() for centred shapes, batched)
+        u, sig, vt = np.linalg.svd(mean.T @ shapes)                  # (N, 2, 2) cross-covariances
+        det = np.sign(np.linalg.det(u @ vt))
+        sign = np.stack([np.ones_like(det), np.where(det == 0, 1.0, det)], 1)  # (N, 2)
+        rot = (u * sign[:, None, :]) @ vt                              # a rotation, never a reflection
+        scale = (sig * sign).sum(1) / (shapes ** 2).sum((1, 2))
+        fitted = scale[:, None, None] * shapes @ rot.transpose(0, 2, 1)
         mean = fitted.mean(0)
     return mean / np.linalg.norm(mean)
 
@@ -134,7 +140,7 @@ class Aligner:
 
     def state(self):
         return {"mode": self.mode, "margin": self.margin,
-                "templates": {k: v.round(6).tolist() for k, v in self.templates.items()}}
+                "templates": {k: v.tolist() for k, v in self.templates.items()}}
 
     def matrix(self, points, profile, size):
         return warp_matrix(points, profile, size, self.mode, self.margin, self.templates)

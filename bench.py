@@ -16,6 +16,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
+from align import ALIGN_MODES, Aligner
 from data import ImageBank, PairSet, decode_image, load_cfp, make_toy, preprocess, split_folds
 from evaluate import evaluate, extract
 from losses import build_loss
@@ -42,6 +43,9 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision as train.py --amp (bf16 autocast on GPUs and on CPUs with AVX-512-BF16 or "
                         "AMX), timed beside fp32 (default: off)")
+    p.add_argument("--align", type=str, default="none", choices=ALIGN_MODES,
+                   help="decode the faces into the bank aligned by the dataset's landmarks, as train.py --align "
+                        "(the templates from the seed split's training folds) (default: none)")
     p.add_argument("--seed-baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the seed's data path (default: off)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
@@ -91,8 +95,14 @@ def main(args):
     cfp = load_cfp(root)
     pairs = PairSet(cfp.pairs(split_folds("seed")["train"])[0])
     t = time.time()
+    aligner = None
+    if args.align != "none":
+        if cfp.landmarks is None:
+            raise UserError(f"--align {args.align}: {root} has no Data/Fiducials landmark files")
+        images = cfp.images_of(split_folds("seed")["train"])
+        aligner = Aligner.fit(args.align, 1.25, cfp.landmarks[images], cfp.profile[images])
     bank = ImageBank(cfp, pairs.pairs[:, :2].numpy().ravel(), args.img_size,
-                     device=device if device.type == "cuda" else "cpu")
+                     device=device if device.type == "cuda" else "cpu", aligner=aligner)
     decode_s = time.time() - t
 
     loss = "cosine" if args.arch == 2 else "ce"
@@ -198,7 +208,7 @@ def main(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device {name}; torch {torch.__version__}; {args.backbone} arch {args.arch} at {args.img_size}px, "
           f"{n} pairs/step, amp {str(dtype).replace('torch.', '') if use_amp else 'off'}; {len(bank.indices)} "
-          f"images decoded once in {decode_s:.1f}s")
+          f"images decoded once ({'aligned: ' + args.align if aligner else 'whole'}) in {decode_s:.1f}s")
     print(f"{'path':<16}{'s/step':>10}{'pairs/s':>10}{'images/s':>10}")
     rates = {}
     for k, v in timings.items():

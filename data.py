@@ -139,6 +139,20 @@ def read_landmarks(path):
     return np.array(points)
 
 
+def landmarks_of_photo(path):
+    """(points, profile) for an image in a CFP-layout folder, from its Data/Fiducials file; the pose comes from
+    the folder it is in (frontal or profile). A photo without a landmark file is refused, naming it."""
+    parts = os.path.abspath(path).split(os.sep)
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i - 1:i + 1] == ["Data", "Images"]:
+            f = landmark_file(os.sep.join(parts[:i - 1]) or os.sep, os.path.abspath(path))
+            if os.path.isfile(f):
+                return read_landmarks(f), "profile" in parts[i + 1:-1]
+            break
+    raise DataError(f"{path} has no landmark file (Data/Fiducials/.../NN.txt beside a CFP-layout "
+                    f"Data/Images/...): this run aligns faces by their landmarks")
+
+
 def load_landmarks(root, paths):
     """Every image's landmarks (N, 30, 2), or None when the dataset has no Data/Fiducials folder."""
     if not os.path.isdir(os.path.join(root, "Data", "Fiducials")):
@@ -550,9 +564,28 @@ def check(root, workers):
             _, first = np.unique(np.sort(p[:, :2], axis=1), axis=0, return_index=True)
             if len(first) < len(p):
                 print(f"warning: fold {k:02d} {kind}: {len(p) - len(first)} duplicate pairs")
+    if cfp.landmarks is None:
+        print("landmarks    none (no Data/Fiducials folder): --align none only")
+    else:
+        print(f"landmarks    {len(cfp.landmarks)} landmark files read ({cfp.landmarks.shape[1]} points each)")
+        check_landmarks(cfp)
     for i in range(0, len(cfp.paths), 256):   # decode everything, in chunks to bound memory
         load_images(cfp.paths[i:i + 256], 8, workers)
     print(f"decoded      all {len(cfp.paths)} images: OK")
+
+
+def check_landmarks(cfp, show=10):
+    """Name the images whose landmarks fall outside the picture (a warning: alignment still works)."""
+    outside = []
+    for path, points in zip(cfp.paths, cfp.landmarks):
+        with Image.open(path) as im:
+            w, h = im.size[::-1] if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else im.size  # as viewed
+        n = int(((points < 0) | (points > [w, h])).any(1).sum())
+        if n:
+            outside.append(f"{os.path.relpath(path, cfp.root)} ({n})")
+    if outside:
+        print(f"warning: {len(outside)} images have landmarks outside the picture (points): "
+              + ", ".join(outside[:show]) + (f", ... and {len(outside) - show} more" if len(outside) > show else ""))
 
 
 def get_args_parser():

@@ -20,7 +20,8 @@ import time
 import numpy as np
 import torch
 
-from data import KINDS, ImageBank, decode_image, load_cfp, preprocess, quote, split_folds
+from align import Aligner
+from data import KINDS, ImageBank, decode_image, landmarks_of_photo, load_cfp, preprocess, quote, split_folds
 from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
 from plots import plot_pair
@@ -113,7 +114,7 @@ def write_scores(path, pairs, kinds, scores):
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["a", "b", "kind", "same", "score"])
-    w.writerows((int(a), int(b), k, int(y), f"{s:.8g}") for (a, b, y), k, s in zip(pairs, kinds, scores))
+    w.writerows((int(a), int(b), k, int(y), f"{s:.9g}") for (a, b, y), k, s in zip(pairs, kinds, scores))
     atomic_write(path, buf.getvalue())
 
 
@@ -137,7 +138,10 @@ def load_model(path, device):
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: its settings do not describe a network ({type(e).__name__}: {e})") from None
     load_weights(model, ckpt["model"], path)
-    return model.to(device).eval(), ckpt
+    model = model.to(device).eval()
+    if device.type == "cuda" or amp_autocast(device, ckpt["args"].get("amp", False)).fast_dtype != torch.float32:
+        model = model.to(memory_format=torch.channels_last)  # the layout train.py evaluated in: the same scores
+    return model, ckpt
 
 
 def run_thresholds(ckpt):
@@ -145,26 +149,41 @@ def run_thresholds(ckpt):
     return ckpt.get("thresholds") or {k: ckpt["threshold"] for k in ("all",) + KINDS}
 
 
+def aligner_of(ckpt):
+    """The run's face alignment (None: whole images resized)."""
+    return Aligner(**ckpt["aligner"]) if ckpt.get("aligner") else None
+
+
+def decode_photo(path, ckpt):
+    """One image file as the run's network saw its test images: aligned by its landmarks, or resized whole."""
+    a, aligner = ckpt["args"], aligner_of(ckpt)
+    if not os.path.isfile(path):
+        raise UserError(f"image {path} does not exist")
+    matrix = None
+    if aligner is not None:
+        points, profile = landmarks_of_photo(path)
+        matrix = aligner.matrix(points, profile, a["img_size"])
+    return decode_image(path, a["img_size"], a.get("resize", "squash"), matrix)
+
+
 def verify(model, ckpt, paths, device):
-    """Scores for (a, b) image path pairs, each distinct image embedded once.
+    """Scores for (a, b) image path pairs, each distinct image embedded once, in the run's own precision.
 
     -> (scores, images, errors): NaN scores for pairs with an image that cannot be read, the decoded
     images by path, and {path: reason} for those that could not be."""
-    a = ckpt["args"]
     images, errors = {}, {}
     for p in sorted({p for pair in paths for p in pair}):
         try:
-            if not os.path.isfile(p):
-                raise UserError(f"image {p} does not exist")
-            images[p] = decode_image(p, a["img_size"], a.get("resize", "squash"))
+            images[p] = decode_photo(p, ckpt)
         except UserError as e:
             errors[p] = str(e)
     scores = np.full(len(paths), np.nan)
     if images:
         unique = list(images)
-        with torch.no_grad():
-            x = torch.stack([images[p] for p in unique])
-            feats = torch.cat([model(preprocess(b.to(device))) for b in x.split(64)])
+        autocast = amp_autocast(device, ckpt["args"].get("amp", False))
+        # the same path as the fold evaluation: the scores equal the run's test_scores.csv
+        feats = extract(model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
+                        ckpt["args"].get("eval_batch_size", 64), device, autocast=autocast).to(device)
         row = {p: i for i, p in enumerate(unique)}
         ok = [i for i, (x, y) in enumerate(paths) if x in row and y in row]
         if ok:
@@ -352,8 +371,8 @@ def main(args):
             if errors:
                 raise UserError(next(iter(errors.values())))
             verdict = "same person" if scores[0] >= threshold else "different people"
-            print(f"{verdict}: score {scores[0]:.4f} {'>=' if scores[0] >= threshold else '<'} "
-                  f"threshold {threshold:.4f} ({args.kind} pairs)")
+            print(f"{verdict}: score {scores[0]:.6f} {'>=' if scores[0] >= threshold else '<'} "
+                  f"threshold {threshold:.6f} ({args.kind} pairs)")
             if args.show:
                 plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
             return
@@ -384,11 +403,9 @@ def main(args):
     needed = np.concatenate([cfp.pairs(f)[0][:, :2].ravel() for f in list(sets.values()) + [roles["val"]] if f])
     t = time.time()
     bank = ImageBank(cfp, needed, a["img_size"], args.workers, device=device if device.type == "cuda" else "cpu",
-                     resize=a.get("resize", "squash"))
+                     resize=a.get("resize", "squash"), aligner=aligner_of(ckpt))
     decode_s = time.time() - t
     autocast = amp_autocast(device, a.get("amp", False))
-    if device.type == "cuda" or autocast.fast_dtype != torch.float32:
-        model = model.to(memory_format=torch.channels_last)  # the layout train.py evaluated in: the same scores
     tta = args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
     # the thresholds always come from the run's own validation folds, under the same TTA
