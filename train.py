@@ -14,6 +14,7 @@ import shlex
 import signal
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import plot_curves, plot_errors, plot_inputs, plot_roc
 from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, atomic_write,
-                   git_revision, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
+                   git_state, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
              "test_scores.csv", "errors.png", "inputs.png")
@@ -389,17 +390,44 @@ def main(args):
 
 
 def fit(args, device, rank, world):
+    """One run as a sequence of steps: open, prepare the data, build, restore, record, train, test."""
     is_main = rank == 0
+    resume = open_run(args, world)
+    log = Logger() if is_main else (lambda *a: None)
+    run = SimpleNamespace(args=args, device=device, rank=rank, world=world, log=log, dtype=setup(args, device, log))
+    prepare_data(run, resume)
+    build(run)
+    restore(run, resume)
+    try:
+        if is_main:
+            record_run(run, resume)
+        train_epochs(run)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted in epoch {run.saved + 1}: {continue_advice(args, run.saved)}") from None
+    except DiskFull as e:
+        raise DiskFull(f"{e}; free some space, then {continue_advice(args, run.saved)}") from None
+    metrics = test_and_report(run)
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def open_run(args, world):
+    """Check --out, and read and vet last.pt when resuming, before minutes are spent on data."""
     check_run_folder(args)
     if world > 1:
         dist.barrier()  # every rank has looked at --out before rank 0 writes into it
-    resume = None
-    if args.resume:  # read and vet it before spending minutes on data
-        resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
-        if args.align is None:  # a resumed run keeps the alignment it started with
-            args.align = {**EARLIER_DEFAULTS, **resume["args"]}["align"]
-        check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
-    log = Logger() if is_main else (lambda *a: None)
+    if not args.resume:
+        return None
+    resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
+    if args.align is None:  # a resumed run keeps the alignment it started with
+        args.align = {**EARLIER_DEFAULTS, **resume["args"]}["align"]
+    check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
+    return resume
+
+
+def setup(args, device, log):
+    """Seeds, backend flags, a usable --cache-dir; the autocast dtype (None: fp32)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == "cuda":
@@ -410,185 +438,213 @@ def fit(args, device, rank, world):
     dtype = amp_dtype(device) if args.amp else None
     if args.amp and dtype is None:
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
+    return dtype
 
-    # protocol, network and loss first (cheap, and a missing weight file fails fast), then the images
-    if os.path.basename(os.path.normpath(args.data_root)) == "toy" and not os.path.exists(args.data_root) and is_main:
+
+def prepare_data(run, resume):
+    """The protocol, the training set, the validation and test pairs, and every image they need, decoded once."""
+    args, log = run.args, run.log
+    if os.path.basename(os.path.normpath(args.data_root)) == "toy" and not os.path.exists(args.data_root) \
+            and run.rank == 0:
         make_toy(args.data_root)  # `--data-root toy`: try everything with no download
         log(f"wrote the synthetic toy dataset (drawn cartoon faces, not people) to {args.data_root}")
-    if world > 1:
+    if run.world > 1:
         dist.barrier()
-    cfp = load_cfp(args.data_root)
-    folds = split_folds(args.protocol, args.test_fold)
-    aligner = build_aligner(args, cfp, folds["train"], resume)
+    run.cfp = cfp = load_cfp(args.data_root)
+    run.folds = folds = split_folds(args.protocol, args.test_fold)
+    run.aligner = build_aligner(args, cfp, folds["train"], resume)
     if LOSSES[args.loss].sampling == "images":
-        train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
+        run.train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
     elif args.pairs_from == "identities":
-        train_set = IdentityPairSet(cfp, folds["train"])
+        run.train_set = IdentityPairSet(cfp, folds["train"])
     else:
-        train_set = PairSet(cfp.pairs(folds["train"])[0])
-    val_pairs, val_kinds = cfp.pairs(folds["val"])
-    test_pairs, test_kinds = cfp.pairs(folds["test"])
-    model = build_model(args).to(device)
-    criterion = build_loss(args.loss, num_classes=getattr(train_set, "num_classes", None),
-                           embed_dim=args.embed_dim, margin=args.margin, scale=args.scale).to(device)
-    needed = np.concatenate([cfp.images_of(folds["train"]), val_pairs[:, :2].ravel(), test_pairs[:, :2].ravel()])
+        run.train_set = PairSet(cfp.pairs(folds["train"])[0])
+    run.val_pairs, run.val_kinds = cfp.pairs(folds["val"])
+    run.test_pairs, run.test_kinds = cfp.pairs(folds["test"])
+    needed = np.concatenate([cfp.images_of(folds["train"]), run.val_pairs[:, :2].ravel(),
+                             run.test_pairs[:, :2].ravel()])
     t = time.time()
-    bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
-                     device if device.type == "cuda" else "cpu", resize=args.resize, aligner=aligner)
-    log(f"data: {len(train_set)} training {train_set.sampling} per epoch (folds {folds['train']}"
-        f"{', drawn from identities' if isinstance(train_set, IdentityPairSet) else ''}), {len(val_pairs)} "
-        f"validation pairs {folds['val']}, {len(test_pairs)} test pairs {folds['test']}; "
-        f"{len(bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in {time.time() - t:.1f}s")
+    run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
+                         run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
+    log(f"data: {len(run.train_set)} training {run.train_set.sampling} per epoch (folds {folds['train']}"
+        f"{', drawn from identities' if isinstance(run.train_set, IdentityPairSet) else ''}), {len(run.val_pairs)} "
+        f"validation pairs {folds['val']}, {len(run.test_pairs)} test pairs {folds['test']}; "
+        f"{len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in {time.time() - t:.1f}s")
 
+
+def build(run):
+    """Network, loss, optimizer, schedule and gradient scaler."""
+    args, device = run.args, run.device
+    run.model = build_model(args).to(device)
+    run.criterion = build_loss(args.loss, num_classes=getattr(run.train_set, "num_classes", None),
+                               embed_dim=args.embed_dim, margin=args.margin, scale=args.scale).to(device)
     # channels_last: cuDNN's and oneDNN's fast layout for convolutions (on the CPU it pays with bf16)
-    channels_last = device.type == "cuda" or dtype is not None
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(args, [model, criterion])
-    steps_per_epoch = max(1, len(train_set) // (args.batch_size * world))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    total_steps = args.epochs * steps_per_epoch if not args.max_steps else min(args.max_steps,
-                                                                                args.epochs * steps_per_epoch)
-    if args.warmup_epochs and args.warmup_epochs * steps_per_epoch >= total_steps:
-        log(f"warning: the {args.warmup_epochs:g}-epoch warmup spans the whole run ({total_steps} steps): the "
-            f"learning rate reaches --lr {args.lr:g} at the last step at best; lower --warmup-epochs")
-
-    start_epoch, history, best, steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
-    if resume:
-        load_weights(model, resume["model"], os.path.join(args.out, "last.pt"))
-        load_weights(criterion, resume["criterion"], os.path.join(args.out, "last.pt"))
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        scaler.load_state_dict(resume["scaler"])
-        start_epoch, history, best = resume["epoch"], resume["history"], resume["best"]
-        steps = resume.get("steps", [])
-        if args.lr != resume["args"]["lr"]:  # an explicit new --lr wins over the saved one
-            scheduler.base_lrs = [args.lr for _ in scheduler.base_lrs]
-            for g in optimizer.param_groups:
-                g["lr"] = args.lr * lr_lambda(args, steps_per_epoch)(scheduler.last_epoch)
-            log(f"--lr {args.lr:g} replaces the run's {resume['args']['lr']:g}")
-        log(f"resumed {args.out}/last.pt: model, loss, optimizer, scheduler and scaler state, epoch "
-            f"{start_epoch}, best validation accuracy {best['val_acc']:.4f} (epoch {best['epoch']})")
-
-    objective = Objective(model, criterion)
-    if world > 1:
-        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    run.channels_last = device.type == "cuda" or run.dtype is not None
+    if run.channels_last:
+        run.model = run.model.to(memory_format=torch.channels_last)
+    run.optimizer = build_optimizer(args, [run.model, run.criterion])
+    run.steps_per_epoch = max(1, len(run.train_set) // (args.batch_size * run.world))
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, lr_lambda(args, run.steps_per_epoch))
+    run.scaler = torch.amp.GradScaler(device.type, enabled=run.dtype == torch.float16)
+    total_steps = args.epochs * run.steps_per_epoch
+    if args.max_steps:
+        total_steps = min(args.max_steps, total_steps)
+    if args.warmup_epochs and args.warmup_epochs * run.steps_per_epoch >= total_steps:
+        run.log(f"warning: the {args.warmup_epochs:g}-epoch warmup spans the whole run ({total_steps} steps): the "
+                f"learning rate reaches --lr {args.lr:g} at the last step at best; lower --warmup-epochs")
+    run.objective = Objective(run.model, run.criterion)
+    if run.world > 1:
+        run.objective = DistributedDataParallel(run.objective,
+                                                device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        objective = torch.compile(objective)
+        run.objective = torch.compile(run.objective)
 
-    last_saved = start_epoch
-    try:
-        # the run folder: written only now that every input has been read successfully
-        if is_main:
-            os.makedirs(args.out, exist_ok=True)
-            if args.overwrite:
-                for f in RUN_FILES:
-                    if os.path.exists(os.path.join(args.out, f)):
-                        os.remove(os.path.join(args.out, f))
-            if resume and os.path.exists(os.path.join(args.out, "metrics.json")):
-                os.remove(os.path.join(args.out, "metrics.json"))  # training again: no longer a finished run
-            log.open(os.path.join(args.out, "log.txt"))
-            built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(criterion).__name__,
-                     "optimizer": type(optimizer).__name__, "frozen_layers": len(model.frozen),
-                     "backbone_layers": model.num_layers,
-                     "params": sum(p.numel() for p in model.parameters()),
-                     "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                     "precision": str(dtype).replace("torch.", "") if dtype else "float32",
-                     "scale": getattr(criterion, "scale", None), "margin": getattr(criterion, "margin", None)}
-            command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
-            if not args.resume:
-                write_json(os.path.join(args.out, "config.json"),
-                           {"args": vars(args), "command": command, "git": git_revision(),
-                            "torch": torch.__version__, "device": str(device), "world_size": world,
-                            "threads": torch.get_num_threads(), "dataset": dataset_label(args.data_root),
-                            "selected_by": SELECTED_BY, "built": built,
-                            "aligner": aligner and {"mode": aligner.mode, "margin": aligner.margin,
-                                                    "templates_from_folds": folds["train"]}})
-            else:
-                try:
-                    with open(os.path.join(args.out, "config.json")) as f:
-                        config = json.load(f)
-                except (OSError, ValueError) as e:
-                    raise UserError(f"{os.path.join(args.out, 'config.json')} cannot be read ({e}); "
-                                    f"the run's own record is damaged") from None
-                config.setdefault("resumes", []).append({"command": command, "epoch": start_epoch,
-                                                         "epochs": args.epochs, "lr": args.lr, "git": git_revision()})
-                write_json(os.path.join(args.out, "config.json"), config)
-            log(f"{args.out}: {built}")
-            plot_inputs(input_samples(train_set, bank, val_pairs, cfp, args),
-                        os.path.join(args.out, "inputs.png"), title=f"{os.path.basename(args.out)}: what the "
-                        f"network sees ({view_name(args)}, {args.img_size}px)")
 
-        ctx = {"device": device, "rank": rank, "world": world, "log": log, "step": start_epoch * steps_per_epoch,
-               "autocast": amp_autocast(device, args.amp),
-               "channels_last": channels_last, "t_start": time.time(), "epoch_seconds": 0.0, "steps": steps}
-        for epoch in range(start_epoch, args.epochs):
-            # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
-            torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
-            t = time.time()
-            ctx["epochs_left"] = args.epochs - epoch
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx)
-            val = validate(model, bank, val_pairs, val_kinds, criterion, args, ctx)
-            ctx["epoch_seconds"] = time.time() - t
-            history.append({"epoch": epoch + 1, "lr": lr, "lr_end": optimizer.param_groups[0]["lr"],
+def restore(run, resume):
+    """Where training starts: epoch 0, or the state of last.pt (model, loss, optimizer, schedule, scaler)."""
+    run.epoch, run.history, run.best, run.steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
+    run.saved = 0
+    if not resume:
+        return
+    args, path = run.args, os.path.join(run.args.out, "last.pt")
+    load_weights(run.model, resume["model"], path)
+    load_weights(run.criterion, resume["criterion"], path)
+    run.optimizer.load_state_dict(resume["optimizer"])
+    run.scheduler.load_state_dict(resume["scheduler"])
+    run.scaler.load_state_dict(resume["scaler"])
+    run.epoch = run.saved = resume["epoch"]
+    run.history, run.best, run.steps = resume["history"], resume["best"], resume.get("steps", [])
+    if args.lr != resume["args"]["lr"]:  # an explicit new --lr wins over the saved one
+        run.scheduler.base_lrs = [args.lr for _ in run.scheduler.base_lrs]
+        for g in run.optimizer.param_groups:
+            g["lr"] = args.lr * lr_lambda(args, run.steps_per_epoch)(run.scheduler.last_epoch)
+        run.log(f"--lr {args.lr:g} replaces the run's {resume['args']['lr']:g}")
+    run.log(f"resumed {path}: model, loss, optimizer, scheduler and scaler state, epoch {run.epoch}, best "
+            f"validation accuracy {run.best['val_acc']:.4f} (epoch {run.best['epoch']})")
+
+
+def record_run(run, resume):
+    """The run folder, written only now that every input has been read: config.json (or its resumes list),
+    log.txt from the first line on, and inputs.png."""
+    args, model = run.args, run.model
+    os.makedirs(args.out, exist_ok=True)
+    if args.overwrite:
+        for f in RUN_FILES:
+            if os.path.exists(os.path.join(args.out, f)):
+                os.remove(os.path.join(args.out, f))
+    if resume and os.path.exists(os.path.join(args.out, "metrics.json")):
+        os.remove(os.path.join(args.out, "metrics.json"))  # training again: no longer a finished run
+    run.log.open(os.path.join(args.out, "log.txt"))
+    built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(run.criterion).__name__,
+             "optimizer": type(run.optimizer).__name__, "frozen_layers": len(model.frozen),
+             "backbone_layers": model.num_layers, "params": sum(p.numel() for p in model.parameters()),
+             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+             "precision": str(run.dtype).replace("torch.", "") if run.dtype else "float32",
+             "scale": getattr(run.criterion, "scale", None), "margin": getattr(run.criterion, "margin", None)}
+    command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
+    path = os.path.join(args.out, "config.json")
+    if not resume:
+        aligner = run.aligner and {"mode": run.aligner.mode, "margin": run.aligner.margin,
+                                   "templates_from_folds": run.folds["train"]}
+        write_json(path, {"args": vars(args), "command": command, **git_state(), "torch": torch.__version__,
+                          "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
+                          "dataset": dataset_label(args.data_root), "selected_by": SELECTED_BY, "built": built,
+                          "aligner": aligner})
+    else:
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} cannot be read ({e}); the run's own record is damaged") from None
+        config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
+                                                 "lr": args.lr, **git_state()})
+        write_json(path, config)
+    run.log(f"{args.out}: {built}")
+    plot_inputs(input_samples(run.train_set, run.bank, run.val_pairs, run.cfp, args),
+                os.path.join(args.out, "inputs.png"),
+                title=f"{os.path.basename(args.out)}: what the network sees ({view_name(args)}, {args.img_size}px)")
+
+
+def train_epochs(run):
+    """The epoch loop: train, validate, keep best.pt and last.pt, history.csv and curves.png."""
+    args = run.args
+    run.ctx = ctx = {"device": run.device, "rank": run.rank, "world": run.world, "log": run.log,
+                     "step": run.epoch * run.steps_per_epoch, "autocast": amp_autocast(run.device, args.amp),
+                     "channels_last": run.channels_last, "t_start": time.time(), "epoch_seconds": 0.0,
+                     "steps": run.steps}
+    for epoch in range(run.epoch, args.epochs):
+        # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
+        torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, run.rank]).generate_state(1)[0]))
+        t = time.time()
+        ctx["epochs_left"] = args.epochs - epoch
+        lr = run.optimizer.param_groups[0]["lr"]
+        stats = train_one_epoch(run.objective, run.train_set, run.bank, run.optimizer, run.scheduler, run.scaler,
+                                epoch, args, ctx)
+        val = validate(run.model, run.bank, run.val_pairs, run.val_kinds, run.criterion, args, ctx)
+        ctx["epoch_seconds"] = time.time() - t
+        run.history.append({"epoch": epoch + 1, "lr": lr, "lr_end": run.optimizer.param_groups[0]["lr"],
                             "train_loss": stats["train_loss"], **val, "seconds": round(ctx["epoch_seconds"], 1)})
-            log(f"epoch {epoch + 1}/{args.epochs} done in {fmt_time(ctx['epoch_seconds'])}: train loss "
-                f"{stats['train_loss']:.4f}, val loss {val['val_loss']:.4f}, val acc {val['val_acc']:.4f} (threshold "
+        val_loss = f", val loss {val['val_loss']:.4f}" if math.isfinite(val["val_loss"]) else ""
+        run.log(f"epoch {epoch + 1}/{args.epochs} done in {fmt_time(ctx['epoch_seconds'])}: train loss "
+                f"{stats['train_loss']:.4f}{val_loss}, val acc {val['val_acc']:.4f} (threshold "
                 f"{val['threshold']:.4f}), FF {val['val_acc_FF']:.4f} ({val['threshold_FF']:.4f}), FP "
                 f"{val['val_acc_FP']:.4f} ({val['threshold_FP']:.4f}); mean score same {val['val_score_same']:.3f} "
                 f"different {val['val_score_diff']:.3f}")
-            stop = bool(args.max_steps) and ctx["step"] >= args.max_steps
-            thresholds = {k: val["threshold" + ("" if k == "all" else f"_{k}")] for k in ("all",) + KINDS}
-            if is_main:
-                state = {"model": model.state_dict(), "criterion": criterion.state_dict(), "args": vars(args),
-                         "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
-                         "val_acc": val["val_acc"], "val": val, "aligner": aligner and aligner.state()}
-                if val["val_acc"] > best["val_acc"]:
-                    best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
-                    atomic_save(state, os.path.join(args.out, "best.pt"))
-                atomic_save({**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "scaler": scaler.state_dict(), "best": best, "history": history, "steps": steps},
-                            os.path.join(args.out, "last.pt"))
-                last_saved = epoch + 1
-                write_history(history, os.path.join(args.out, "history.csv"))
-                plot_curves(history, steps, steps_per_epoch, best["epoch"], os.path.join(args.out, "curves.png"))
-            if stop:
-                break
-    except KeyboardInterrupt:
-        raise Interrupted(f"interrupted in epoch {last_saved + 1}: {continue_advice(args, last_saved)}") from None
-    except DiskFull as e:
-        raise DiskFull(f"{e}; free some space, then {continue_advice(args, last_saved)}") from None
+        if run.rank == 0:
+            save_epoch(run, epoch, val)
+        if args.max_steps and ctx["step"] >= args.max_steps:
+            break
 
-    # test: the best epoch's weights and its validation thresholds
-    if world > 1:
+
+def save_epoch(run, epoch, val):
+    """best.pt when validation improved, last.pt always (each written whole or not at all), and the curves."""
+    out = run.args.out
+    thresholds = {k: val["threshold" + ("" if k == "all" else f"_{k}")] for k in ("all",) + KINDS}
+    state = {"model": run.model.state_dict(), "criterion": run.criterion.state_dict(), "args": vars(run.args),
+             "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
+             "val_acc": val["val_acc"], "val": val, "aligner": run.aligner and run.aligner.state()}
+    if val["val_acc"] > run.best["val_acc"]:
+        run.best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
+        atomic_save(state, os.path.join(out, "best.pt"))
+    atomic_save({**state, "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "scaler": run.scaler.state_dict(), "best": run.best, "history": run.history, "steps": run.steps},
+                os.path.join(out, "last.pt"))
+    run.saved = epoch + 1
+    write_history(run.history, os.path.join(out, "history.csv"))
+    plot_curves(run.history, run.steps, run.steps_per_epoch, run.best["epoch"], os.path.join(out, "curves.png"))
+
+
+def test_and_report(run):
+    """The best epoch's weights on the test pairs, at its validation thresholds: metrics.json and the plots."""
+    args, out, folds = run.args, run.args.out, run.folds
+    if run.world > 1:
         dist.barrier()
-    ckpt = load_checkpoint(os.path.join(args.out, "best.pt"))
-    load_weights(model, ckpt["model"], os.path.join(args.out, "best.pt"))
-    test = evaluate(model, bank, test_pairs, None, args.eval_batch_size, device, autocast=ctx["autocast"])
-    r = report(test["scores"], test["labels"], test_kinds, ckpt["thresholds"])
+    ckpt = load_checkpoint(os.path.join(out, "best.pt"))
+    load_weights(run.model, ckpt["model"], os.path.join(out, "best.pt"))
+    test = evaluate(run.model, run.bank, run.test_pairs, None, args.eval_batch_size, run.device,
+                    autocast=run.ctx["autocast"])
+    r = report(test["scores"], test["labels"], run.test_kinds, ckpt["thresholds"])
     metrics = {"selected_by": SELECTED_BY, "best_epoch": ckpt["epoch"], "val_acc": ckpt["val_acc"],
                "threshold": ckpt["threshold"], "test_acc": r["all"]["acc"],
                "val": {k: {"acc": ckpt["val"]["val_acc" + ("" if k == "all" else f"_{k}")],
                            "threshold": ckpt["thresholds"][k]} for k in ("all",) + KINDS},
-               "test": r, "protocol": args.protocol, "folds": folds, "epochs_run": len(history),
-               "steps": ctx["step"], "num_embedded": test["num_embedded"],
-               "minutes": round(sum(h.get("seconds", 0) for h in history) / 60, 1)}
-    if is_main:
-        write_scores(os.path.join(args.out, "test_scores.csv"), test_pairs, test_kinds, test["scores"])
-        plot_roc(test["scores"], test["labels"], test_kinds, os.path.join(args.out, "roc.png"),
-                 title=f"{os.path.basename(args.out)}: test folds {folds['test']}")
-        plot_errors(bank, test_pairs, test_kinds, test["scores"], ckpt["thresholds"],
-                    os.path.join(args.out, "errors.png"),
-                    title=f"{os.path.basename(args.out)}: most confident errors on test folds {folds['test']} "
-                          f"(score above each pair; FF and FP each at its own validation threshold)")
-        write_json(os.path.join(args.out, "metrics.json"), metrics)
-        log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}; test acc {metrics['test_acc']:.4f} "
-            f"(threshold {r['all']['threshold']:.4f}), FF {r['FF']['acc']:.4f} (threshold {r['FF']['threshold']:.4f}), "
-            f"FP {r['FP']['acc']:.4f} (threshold {r['FP']['threshold']:.4f}) -> {args.out}")
-    if world > 1:
-        dist.destroy_process_group()
+               "test": r, "protocol": args.protocol, "folds": folds, "epochs_run": len(run.history),
+               "steps": run.ctx["step"], "num_embedded": test["num_embedded"],
+               "minutes": round(sum(h.get("seconds", 0) for h in run.history) / 60, 1)}
+    if run.rank != 0:
+        return metrics
+    name = os.path.basename(out)
+    write_scores(os.path.join(out, "test_scores.csv"), run.test_pairs, run.test_kinds, test["scores"])
+    plot_roc(test["scores"], test["labels"], run.test_kinds, os.path.join(out, "roc.png"),
+             title=f"{name}: test folds {folds['test']}")
+    plot_errors(run.bank, run.test_pairs, run.test_kinds, test["scores"], ckpt["thresholds"],
+                os.path.join(out, "errors.png"),
+                title=f"{name}: most confident errors on test folds {folds['test']} "
+                      f"(score above each pair; FF and FP each at its own validation threshold)")
+    write_json(os.path.join(out, "metrics.json"), metrics)
+    run.log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}; test acc "
+            f"{metrics['test_acc']:.4f} (threshold {r['all']['threshold']:.4f}), FF {r['FF']['acc']:.4f} (threshold "
+            f"{r['FF']['threshold']:.4f}), FP {r['FP']['acc']:.4f} (threshold {r['FP']['threshold']:.4f}) -> {out}")
     return metrics
 
 

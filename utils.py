@@ -2,6 +2,7 @@
 import errno
 import fcntl
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -184,16 +185,17 @@ def amp_autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def git_revision():
+def git_state():
+    """{"git": the commit (with -dirty when tracked files differ from it), "git_diff_sha1": a hash of that
+    difference (None when clean)}: enough to tell whether two runs came from the same code."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
+        diff = subprocess.run(["git", "diff", "HEAD"], cwd=here, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return {"git": None, "git_diff_sha1": None}
+    return {"git": rev + ("-dirty" if diff else ""), "git_diff_sha1": hashlib.sha1(diff).hexdigest() if diff else None}
 
 
 # ---------------------------------------------------------------------------
