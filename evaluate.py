@@ -16,6 +16,7 @@ import os
 import re
 import sys
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -157,8 +158,9 @@ def aligner_of(ckpt):
 def decode_photo(path, ckpt):
     """One image file as the run's network saw its test images: aligned by its landmarks, or resized whole."""
     a, aligner = ckpt["args"], aligner_of(ckpt)
-    if not os.path.isfile(path):
-        raise UserError(f"image {path} does not exist")
+    if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
+        what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
+        raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
     matrix = None
     if aligner is not None:
         points, profile = landmarks_of_photo(path)
@@ -166,52 +168,89 @@ def decode_photo(path, ckpt):
     return decode_image(path, a["img_size"], a.get("resize", "squash"), matrix)
 
 
-def verify(model, ckpt, paths, device):
+def verify(model, ckpt, paths, device, cache=None):
     """Scores for (a, b) image path pairs, each distinct image embedded once, in the run's own precision.
 
     -> (scores, images, errors): NaN scores for pairs with an image that cannot be read, the decoded
-    images by path, and {path: reason} for those that could not be."""
+    images by path, and {path: reason} for those that could not be. cache (a FeatureCache) keeps features
+    from earlier calls, so a long pair list embeds each image once."""
+    cache = FeatureCache() if cache is None else cache
     images, errors = {}, {}
-    for p in sorted({p for pair in paths for p in pair}):
+    for p in dict.fromkeys(p for pair in paths for p in pair):
+        if p in cache:
+            continue
         try:
             images[p] = decode_photo(p, ckpt)
         except UserError as e:
             errors[p] = str(e)
-    scores = np.full(len(paths), np.nan)
+            cache.put(p, str(e))
     if images:
         unique = list(images)
         autocast = amp_autocast(device, ckpt["args"].get("amp", False))
         # the same path as the fold evaluation: the scores equal the run's test_scores.csv
         feats = extract(model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
-                        ckpt["args"].get("eval_batch_size", 64), device, autocast=autocast).to(device)
-        row = {p: i for i, p in enumerate(unique)}
-        ok = [i for i, (x, y) in enumerate(paths) if x in row and y in row]
-        if ok:
-            idx = torch.tensor([[row[paths[i][0]], row[paths[i][1]]] for i in ok], device=feats.device)
-            with torch.no_grad():
-                scores[ok] = pair_score(model.compare(feats[idx[:, 0]], feats[idx[:, 1]])).float().cpu().numpy()
+                        ckpt["args"].get("eval_batch_size", 64), device, autocast=autocast)
+        for p, f in zip(unique, feats):
+            cache.put(p, f)
+    scores = np.full(len(paths), np.nan)
+    got = {p: cache.get(p) for pair in paths for p in pair}
+    errors.update({p: f for p, f in got.items() if isinstance(f, str)})
+    ok = [i for i, (x, y) in enumerate(paths) if x not in errors and y not in errors]
+    if ok:
+        f1 = torch.stack([got[paths[i][0]] for i in ok]).to(device)
+        f2 = torch.stack([got[paths[i][1]] for i in ok]).to(device)
+        with torch.no_grad():
+            scores[ok] = pair_score(model.compare(f1, f2)).float().cpu().numpy()
     return scores, images, errors
 
 
-def read_pair_list(path):
-    """'A B' per line (a tab between paths that contain spaces) -> (pairs, line numbers, [(line, reason)])."""
-    if not os.path.isfile(path):
+class FeatureCache:
+    """Features (or the reason an image could not be read) by path, the least recently used dropped first."""
+
+    def __init__(self, size=50_000):
+        self.size, self.items = size, OrderedDict()
+
+    def __contains__(self, path):
+        return path in self.items
+
+    def get(self, path):
+        self.items.move_to_end(path)
+        return self.items[path]
+
+    def put(self, path, value):
+        self.items[path] = value
+        self.items.move_to_end(path)
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+
+
+def read_pair_list(path, chunk=4096):
+    """'A B' per line (a tab between paths that contain spaces), in chunks of lines:
+    yields (pairs, line numbers, [(line, reason)]) for each chunk, so a list of any length streams."""
+    if os.path.isdir(path):
+        raise UserError(f"--pairs {path} is a folder, not a list of pairs")
+    if not os.path.exists(path):
         raise UserError(f"--pairs {path} does not exist")
+    if not os.path.isfile(path):
+        raise UserError(f"--pairs {path} is not a regular file")
     pairs, numbers, bad = [], [], []
     try:
         with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                fields = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
-                if len(fields) != 2:
-                    bad.append((n, f"expected two image paths separated by a tab or whitespace, got {quote(line)}"))
-                else:
-                    pairs.append(tuple(fields))
-                    numbers.append(n)
+                if line.strip():
+                    fields = line.strip("\r\n").split("\t") if "\t" in line else line.split()
+                    fields = [x.strip() for x in fields]
+                    if len(fields) != 2 or not all(fields):
+                        bad.append((n, f"expected two image paths separated by a tab or whitespace, got {quote(line)}"))
+                    else:
+                        pairs.append(tuple(fields))
+                        numbers.append(n)
+                if len(pairs) + len(bad) >= chunk:
+                    yield pairs, numbers, bad
+                    pairs, numbers, bad = [], [], []
     except UnicodeDecodeError as e:
         raise UserError(f"--pairs {path}: not UTF-8 text (byte offset {e.start})") from None
-    return pairs, numbers, bad
+    yield pairs, numbers, bad
 
 
 def dataset_label(root):
@@ -341,57 +380,73 @@ def main(args):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
     if args.summarize is not None:
-        table, raw = summarize(args.summarize)
-        print(table, end="")
-        if args.out:
-            atomic_write(args.out, table)
-        if args.json:
-            write_json(args.json, raw)
-        return
+        return summarize_runs(args)
     if not args.run:
         raise UserError("give a run folder or checkpoint (or --summarize DIR)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if (args.pair or args.pairs) and args.tta != "none":
+        raise UserError("--tta applies to fold evaluation (its thresholds come from the validation folds); "
+                        "--pair and --pairs use the run's own thresholds")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(args.run, device)
-    a = ckpt["args"]
-    thresholds = run_thresholds(ckpt)
+    if args.pair:
+        return verify_one_pair(args, model, ckpt, device)
+    if args.pairs:
+        return verify_pair_list(args, model, ckpt, device)
+    return evaluate_folds(args, model, ckpt, device)
 
-    if args.pair or args.pairs:
-        if args.tta != "none":
-            raise UserError("--tta applies to fold evaluation (its thresholds come from the validation folds); "
-                            "--pair and --pairs use the run's own thresholds")
-        threshold = thresholds[args.kind]
-        if args.pair:
-            paths, numbers = [tuple(args.pair)], [0]
-        else:
-            paths, numbers, bad = read_pair_list(args.pairs)
-        scores, images, errors = verify(model, ckpt, paths, device)
-        if args.pair:
-            if errors:
-                raise UserError(next(iter(errors.values())))
-            verdict = "same person" if scores[0] >= threshold else "different people"
-            print(f"{verdict}: score {scores[0]:.6f} {'>=' if scores[0] >= threshold else '<'} "
-                  f"threshold {threshold:.6f} ({args.kind} pairs)")
-            if args.show:
-                plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
-            return
-        w = csv.writer(sys.stdout)
-        w.writerow(["line", "a", "b", "score", "threshold", "same"])
+
+def summarize_runs(args):
+    """--summarize: the table of every run under a folder."""
+    table, raw = summarize(args.summarize)
+    print(table, end="")
+    if args.out:
+        atomic_write(args.out, table)
+    if args.json:
+        write_json(args.json, raw)
+
+
+def verify_one_pair(args, model, ckpt, device):
+    """--pair A B: one verdict at the run's validation threshold for --kind."""
+    threshold = run_thresholds(ckpt)[args.kind]
+    scores, images, errors = verify(model, ckpt, [tuple(args.pair)], device)
+    if errors:
+        raise UserError(next(iter(errors.values())))
+    verdict = "same person" if scores[0] >= threshold else "different people"
+    print(f"{verdict}: score {scores[0]:.6f} {'>=' if scores[0] >= threshold else '<'} "
+          f"threshold {threshold:.6f} ({args.kind} pairs)")
+    if args.show:
+        plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
+
+
+def verify_pair_list(args, model, ckpt, device):
+    """--pairs FILE: a CSV row per line on stdout, streamed chunk by chunk; unreadable lines on stderr, exit 1."""
+    threshold = run_thresholds(ckpt)[args.kind]
+    w = csv.writer(sys.stdout)
+    w.writerow(["line", "a", "b", "score", "threshold", "same"])
+    cache, scored, failed = FeatureCache(), 0, 0
+    for paths, numbers, bad in read_pair_list(args.pairs):
+        scores, _, errors = verify(model, ckpt, paths, device, cache)
         for n, (x, y), score in zip(numbers, paths, scores):
             if np.isnan(score):
                 bad.append((n, "; ".join(errors[p] for p in (x, y) if p in errors)))
             else:
-                w.writerow([n, x, y, f"{score:.6f}", f"{threshold:.6f}", int(score >= threshold)])
+                w.writerow([n, x, y, f"{score:.9g}", f"{threshold:.9g}", int(score >= threshold)])
+        sys.stdout.flush()
         for n, reason in sorted(bad):
             print(f"{args.pairs}:{n}: {reason}", file=sys.stderr)
-        if bad:
-            sys.stdout.flush()
-            print(f"error: {len(bad)} of {len(bad) + int(np.isfinite(scores).sum())} lines of {args.pairs} could "
-                  f"not be scored (listed above)", file=sys.stderr)
-            sys.exit(1)
-        return
+        scored, failed = scored + int(np.isfinite(scores).sum()), failed + len(bad)
+    if failed:
+        print(f"error: {failed} of {failed + scored} lines of {args.pairs} could not be scored (listed above)",
+              file=sys.stderr)
+        sys.exit(1)
 
+
+def evaluate_folds(args, model, ckpt, device):
+    """Fold evaluation: each asked fold's FF and FP pairs in its role for this run, at thresholds chosen on the
+    run's own validation folds (under the same TTA)."""
+    a = ckpt["args"]
     root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))
     cfp = load_cfp(root)
     roles = split_folds(a["protocol"], a.get("test_fold"))
@@ -408,7 +463,6 @@ def main(args):
     autocast = amp_autocast(device, a.get("amp", False))
     tta = args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
-    # the thresholds always come from the run's own validation folds, under the same TTA
     val_pairs, val_kinds = cfp.pairs(roles["val"])
     val = evaluate(model, bank, val_pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
     thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(val["scores"], val["labels"], val_kinds).items()}
@@ -425,7 +479,7 @@ def main(args):
                      "num_embedded": res["num_embedded"], "embed_seconds": res["seconds"]}
         print(describe(f"{ROLE_NAMES[role]}, folds {sets[role]}", out[role]))
     out["thresholds"] = thresholds
-    print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)" + (", flip TTA" if args.tta == "flip" else ""))
+    print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)" + (", flip TTA" if tta else ""))
     if args.json:
         write_json(args.json, out)
 
