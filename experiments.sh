@@ -51,108 +51,108 @@ run() {  # run ID python train.py ... --out DIR ...
 
 # ---- Architecture 1: decision network, BCE (one logit), VGG16, Adam 1e-4, 7 epochs ----
 # 01 pretrained, no augmentation. Seed: val 0.711, test 0.735
-run 01 python train.py --out runs/exp01_bce_vgg16_7e --arch 1 --loss bce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 01 python train.py --out runs/exp01_bce_vgg16_7e --arch 1 --loss bce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 02 random init, no augmentation. Seed: 0.506 (one figure reported)
-run 02 python train.py --out runs/exp02_bce_vgg16_random_7e --arch 1 --loss bce --backbone vgg16 --no-pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 02 python train.py --out runs/exp02_bce_vgg16_random_7e --arch 1 --loss bce --backbone vgg16 --no-pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 03 pretrained, augmentation. Seed: 0.709 (one figure reported)
-run 03 python train.py --out runs/exp03_bce_vgg16_aug_7e --arch 1 --loss bce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 03 python train.py --out runs/exp03_bce_vgg16_aug_7e --arch 1 --loss bce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 04 random init, augmentation. Seed: 0.501 (one figure reported)
-run 04 python train.py --out runs/exp04_bce_vgg16_random_aug_7e --arch 1 --loss bce --backbone vgg16 --no-pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 04 python train.py --out runs/exp04_bce_vgg16_random_aug_7e --arch 1 --loss bce --backbone vgg16 --no-pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- Architecture 1 variation: one FC layer in the branches, BCE, VGG16, Adam 1e-4, 7 epochs ----
 # 05 pretrained, no augmentation. Seed: val 0.714, test 0.718
-run 05 python train.py --out runs/exp05_bce_var_vgg16_7e --arch 1 --variation --loss bce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 05 python train.py --out runs/exp05_bce_var_vgg16_7e --arch 1 --variation --loss bce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 06 random init, no augmentation. Seed: val 0.504, test 0.505
-run 06 python train.py --out runs/exp06_bce_var_vgg16_random_7e --arch 1 --variation --loss bce --backbone vgg16 --no-pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 06 python train.py --out runs/exp06_bce_var_vgg16_random_7e --arch 1 --variation --loss bce --backbone vgg16 --no-pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 07 pretrained, augmentation. Seed: val 0.713, test 0.727
-run 07 python train.py --out runs/exp07_bce_var_vgg16_aug_7e --arch 1 --variation --loss bce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 07 python train.py --out runs/exp07_bce_var_vgg16_aug_7e --arch 1 --variation --loss bce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 08 random init, augmentation. Seed: val 0.501, test 0.503
-run 08 python train.py --out runs/exp08_bce_var_vgg16_random_aug_7e --arch 1 --variation --loss bce --backbone vgg16 --no-pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 08 python train.py --out runs/exp08_bce_var_vgg16_random_aug_7e --arch 1 --variation --loss bce --backbone vgg16 --no-pretrained --augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- Architecture 1 with two logits and cross-entropy, VGG16 pretrained, Adam 1e-4 ----
 # 11 no augmentation, 20 epochs. Seed: val 0.793, test 0.782
-run 11 python train.py --out runs/exp11_ce_vgg16_20e --arch 1 --loss ce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 11 python train.py --out runs/exp11_ce_vgg16_20e --arch 1 --loss ce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 13 augmentation, 14 epochs. Seed: val 0.803, test 0.819
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_14e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_14e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 15 variation, no augmentation, 20 epochs. Seed: val 0.772, test 0.765
-run 15 python train.py --out runs/exp15_ce_var_vgg16_20e --arch 1 --variation --loss ce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 15 python train.py --out runs/exp15_ce_var_vgg16_20e --arch 1 --variation --loss ce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 17 variation, augmentation, 14 epochs. Seed: val 0.710, test 0.727
-run 17 python train.py --out runs/exp17_ce_var_vgg16_aug_14e --arch 1 --variation --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 17 python train.py --out runs/exp17_ce_var_vgg16_aug_14e --arch 1 --variation --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- Learning-rate study of 13 (20 epochs); Adam did not converge at 5e-4 and 1e-3, so SGD there ----
 # 13 Adam 1e-4, 20 epochs. Seed: val 0.718, test 0.730
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-4_adam_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-4_adam_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 13 SGD 5e-4, 20 epochs. Seed: val 0.825, test 0.824
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr5e-4_sgd_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 5e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr5e-4_sgd_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 5e-4 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 13 SGD 1e-3, 20 epochs. Seed: val 0.826, test 0.834
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-3_sgd_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-3_sgd_20e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 20 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 13 Adam 1e-4, 40 epochs. Seed: val 0.827, test 0.832
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-4_adam_40e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-4_adam_40e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- Architecture 2: embedding + CosineEmbeddingLoss (margin 0.5), VGG16 pretrained, Adam, 14 epochs ----
 # 21 no augmentation, 1e-4. Seed: val 0.807, test 0.826
-run 21 python train.py --out runs/exp21_cos_vgg16_lr1e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 21 python train.py --out runs/exp21_cos_vgg16_lr1e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 21 no augmentation, 5e-4. Seed: val 0.708, test 0.714
-run 21 python train.py --out runs/exp21_cos_vgg16_lr5e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 5e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 21 python train.py --out runs/exp21_cos_vgg16_lr5e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 5e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 23 augmentation, 1e-4. Seed: val 0.821, test 0.818
-run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 23 augmentation, 5e-4. Seed: val 0.709, test 0.720
-run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr5e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 5e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr5e-4_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 5e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 23 augmentation, 1e-4, 40 epochs. Seed: not finished (no figures)
-run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-4_40e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-4_40e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- 33: 23 with the lower half of VGG16 frozen ----
 # 33 freeze 0.5, 1e-4, 14 epochs. Seed: val 0.746, test 0.749
-run 33 python train.py --out runs/exp33_cos_vgg16_aug_freeze0.5_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --freeze 0.5 --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 33 python train.py --out runs/exp33_cos_vgg16_aug_freeze0.5_14e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --freeze 0.5 --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- Backbones: architecture 2, cosine, augmentation, Adam 1e-4, 14 epochs ----
 # 43 ResNet50. Seed: val 0.822, test 0.825
-run 43 python train.py --out runs/exp43_cos_resnet50_aug_14e --arch 2 --loss cosine --backbone resnet50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 43 python train.py --out runs/exp43_cos_resnet50_aug_14e --arch 2 --loss cosine --backbone resnet50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 53 ResNet101. Seed: val 0.823, test 0.831
-run 53 python train.py --out runs/exp53_cos_resnet101_aug_14e --arch 2 --loss cosine --backbone resnet101 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 53 python train.py --out runs/exp53_cos_resnet101_aug_14e --arch 2 --loss cosine --backbone resnet101 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 63 ResNeXt50. Seed: val 0.826, test 0.834
-run 63 python train.py --out runs/exp63_cos_resnext50_aug_14e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 63 python train.py --out runs/exp63_cos_resnext50_aug_14e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 73 ResNeXt101. Seed: not finished (no figures)
-run 73 python train.py --out runs/exp73_cos_resnext101_aug_14e --arch 2 --loss cosine --backbone resnext101 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 73 python train.py --out runs/exp73_cos_resnext101_aug_14e --arch 2 --loss cosine --backbone resnext101 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 14 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- The seed's final round: 40 epochs ----
 # 13 SGD 1e-3, 40 epochs. Seed: not reported separately
-run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-3_sgd_40e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 13 python train.py --out runs/exp13_ce_vgg16_aug_lr1e-3_sgd_40e --arch 1 --loss ce --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 23 SGD 1e-3, 40 epochs. Seed: not reported separately
-run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-3_sgd_40e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 23 python train.py --out runs/exp23_cos_vgg16_aug_lr1e-3_sgd_40e --arch 2 --loss cosine --backbone vgg16 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 63 Adam 1e-4, 40 epochs. Seed: not reported separately
-run 63 python train.py --out runs/exp63_cos_resnext50_aug_lr1e-4_adam_40e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 63 python train.py --out runs/exp63_cos_resnext50_aug_lr1e-4_adam_40e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer adam --lr 1e-4 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 63 SGD 1e-3, 40 epochs: the seed's best. Seed: val 0.845, test 0.859
-run 63 python train.py --out runs/exp63_cos_resnext50_aug_lr1e-3_sgd_40e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 63 python train.py --out runs/exp63_cos_resnext50_aug_lr1e-3_sgd_40e --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 
 # ---- CFP's own protocol: 10 folds (test fold K, validation fold K+1, train on the other 8), FF and FP apart ----
 # 10fold-63: the seed's best configuration (63, SGD 1e-3, 40 epochs). Seed: not run on this protocol
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # 10fold-r18: a configuration a CPU can afford: ResNet18 from random init, ArcFace (s 32, m 0.3), 64 px, bf16
 # autocast, 10 epochs, no dropout (the runs in results/cfp-10fold predate --dropout): about 10 minutes a fold
 # on one core of a 2-core x86 CPU. Seed: none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 
 # ---- Learning from CFP alone (README: "Learning faces from CFP alone"), seed split ----
 # scratch-r18: the study's best FF and FP (results/cfp-seed/r18_arcface_64px_squash_dropout06: val 0.813, test
 # 0.810, FF 0.847, FP 0.789): ResNet18 from random init, ArcFace, 64 px stretched, dropout 0.6, bf16 autocast,
 # 20 epochs: about 10 minutes on one core of a 2-core x86 CPU with AVX-512-BF16. Seed: none
-run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropout06 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --resize squash --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
+run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropout06 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --resize squash --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --align none
