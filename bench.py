@@ -17,10 +17,11 @@ import torchvision.transforms as T
 from PIL import Image
 
 from align import ALIGN_MODES, Aligner
-from data import ImageBank, PairSet, decode_image, load_cfp, make_toy, preprocess, split_folds
+from data import ImageBank, PairSet, decode_image, load_cfp, preprocess, split_folds
 from evaluate import evaluate, extract
 from losses import build_loss
 from models import BACKBONES, build_model, pair_score
+from toy import make_toy
 from train import Objective
 from utils import UserError, amp_dtype, run_cli
 

@@ -1,32 +1,44 @@
 #!/usr/bin/env bash
 # Every numbered experiment of the seed project (Person Verification on CFP), one train.py line per row
-# of its tables, with the accuracies the seed reported (val / test) above each line.
+# of its tables, with the accuracies the seed reported (val / test) above each line; then this project's
+# own lines (aligned faces from random init, the official 10 folds).
 #
-#   bash experiments.sh                    run everything, in order
+#   bash experiments.sh                    run everything, in order (first it lists what it will run and skip)
 #   bash experiments.sh 23 63              run only these IDs
+#   bash experiments.sh --list             every ID with a one-line description
 #   bash experiments.sh --dry-run [IDS]    print the commands
 #   bash experiments.sh --force [IDS]      rerun finished runs (replacing them)
 #   EXTRA_ARGS="--data-root toy --no-pretrained --img-size 32 --max-steps 2" bash experiments.sh 01
 #                                          append flags to every line (the last flag wins)
 #
-# A finished run (its metrics.json exists) is skipped, an interrupted one resumes from its last.pt.
-# The seed trained at a constant learning rate on the protocol's fixed pairs, images stretched to the square:
-# hence --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash on its rows.
+# A run folder is finished when its metrics.json exists and its config.json holds this very command line
+# (EXTRA_ARGS included): a smoke run never stands in for the real one. An interrupted run of the same command
+# resumes from its last.pt; a folder that holds anything else is replaced. Ctrl-C or SIGTERM stops the
+# train.py it started, which saves and says how to continue.
+# The seed trained at a constant learning rate on the protocol's fixed pairs, whole images stretched to the
+# square: hence --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none on its rows.
 # An ID with several rows (13 has six) runs all of them; to run one row, copy its line from --dry-run.
 # Data: --data-root defaults to $CFP_ROOT (else ./cfp-dataset); or EXTRA_ARGS="--data-root DIR".
 # Results: python evaluate.py --summarize runs/
 set -euo pipefail
+[ -z "${CFP_ROOT:-}" ] || export CFP_ROOT="$(realpath -m "$CFP_ROOT")"  # relative to where the user stands
 cd "$(dirname "$0")"
 
-usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo; list_ids; }
+list_ids() {  # each ID once, with the comment line above its first row
+    echo "IDs, under the heading of their section:"
+    awk '/^# ---- /{t=$0; gsub(/^# ---- | ----$/, "", t)} /^# /{c=substr($0, 3); sub(/^[^ ]+:? /, "", c)}
+         /^run /{if (!seen[$2]++) {if (t != shown) {print t; shown=t}; printf "  %-12s %s\n", $2, c}}' "$0"
+}
 VALID_IDS=$(sed -n 's/^run \([^ ]*\) python .*/\1/p' "$0" | awk '!seen[$0]++' | tr '\n' ' ')
 DRY_RUN=0 FORCE=0 IDS=()
 for a in "$@"; do
     case $a in
         --dry-run) DRY_RUN=1 ;;
         --force) FORCE=1 ;;
+        --list) list_ids; exit 0 ;;
         -h|--help) usage; exit 0 ;;
-        -*) echo "experiments.sh: unknown option $a (options: --dry-run --force --help)" >&2; exit 2 ;;
+        -*) echo "experiments.sh: unknown option $a (options: --dry-run --force --list --help)" >&2; exit 2 ;;
         *) if [[ " $VALID_IDS " != *" $a "* ]]; then
                echo "experiments.sh: unknown experiment ID $a (IDs: ${VALID_IDS% })" >&2; exit 2
            fi
@@ -34,6 +46,36 @@ for a in "$@"; do
     esac
 done
 
+state() {  # OUT CMD...: finished | resume | new | other -- what OUT holds for exactly this command line
+    python - "$@" <<'EOF'
+import json, os, shlex, sys
+out, argv = sys.argv[1], [a for a in sys.argv[3:] if a not in ("--resume", "--overwrite")]
+try:
+    with open(os.path.join(out, "config.json")) as f:
+        recorded = [a for a in shlex.split(json.load(f)["command"])[1:] if a not in ("--resume", "--overwrite")]
+except (OSError, ValueError, KeyError, TypeError):
+    recorded = None
+if not os.path.exists(out) or not os.listdir(out):
+    print("new")
+elif recorded != argv:
+    print("other")
+elif os.path.isfile(os.path.join(out, "metrics.json")):
+    print("finished")
+else:
+    print("resume" if os.path.isfile(os.path.join(out, "last.pt")) else "other")
+EOF
+}
+
+CHILD=""
+stop() {  # Ctrl-C / SIGTERM: stop the training this script started (it saves and explains), then leave
+    trap - INT TERM
+    # SIGTERM: a job started with & in a script ignores SIGINT; train.py handles both alike
+    if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null || true; wait "$CHILD" 2>/dev/null || true; fi
+    exit 130
+}
+trap stop INT TERM
+
+PLAN=0
 run() {  # run ID python train.py ... --out DIR ...
     local id=$1 out="" prev=""
     shift
@@ -43,12 +85,24 @@ run() {  # run ID python train.py ... --out DIR ...
     # shellcheck disable=SC2206
     cmd+=(${EXTRA_ARGS:-})
     if [ $DRY_RUN = 1 ]; then echo "${cmd[*]}"; return 0; fi
-    if [ $FORCE = 0 ] && [ -f "$out/metrics.json" ]; then echo "[$id] $out is finished: skipped"; return 0; fi
-    if [ $FORCE = 0 ] && [ -f "$out/last.pt" ]; then cmd+=(--resume); elif [ -e "$out" ]; then cmd+=(--overwrite); fi
+    local st
+    st=$(state "$out" "${cmd[@]}")
+    [ $FORCE = 0 ] || [ "$st" = new ] || st=other
+    if [ $PLAN = 1 ]; then
+        case $st in finished) echo "  [$id] skip (finished)  $out" ;; resume) echo "  [$id] resume  $out" ;;
+                    new) echo "  [$id] run     $out" ;; other) echo "  [$id] replace $out" ;; esac
+        return 0
+    fi
+    if [ "$st" = finished ]; then echo "[$id] $out is finished: skipped"; return 0; fi
+    if [ "$st" = resume ]; then cmd+=(--resume); elif [ "$st" = other ]; then cmd+=(--overwrite); fi
     echo "[$id] ${cmd[*]}"
-    "${cmd[@]}"
+    "${cmd[@]}" &
+    CHILD=$!
+    wait "$CHILD" || { local rc=$?; CHILD=""; return $rc; }
+    CHILD=""
 }
 
+experiments() {
 # ---- Architecture 1: decision network, BCE (one logit), VGG16, Adam 1e-4, 7 epochs ----
 # 01 pretrained, no augmentation. Seed: val 0.711, test 0.735
 run 01 python train.py --out runs/exp01_bce_vgg16_7e --arch 1 --loss bce --backbone vgg16 --pretrained --no-augment --optimizer adam --lr 1e-4 --epochs 7 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
@@ -137,9 +191,9 @@ run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_s
 run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-# 10fold-r18: a configuration a CPU can afford: ResNet18 from random init, ArcFace (s 32, m 0.3), 64 px, bf16
-# autocast, 10 epochs, no dropout (the runs in results/cfp-10fold predate --dropout): about 10 minutes a fold
-# on one core of a 2-core x86 CPU. Seed: none
+# The runs in results/cfp-10fold/r18_arcface_64px_*: ResNet18 from random init, ArcFace (s 32, m 0.3), 64 px
+# whole images padded, bf16 autocast, 10 epochs, no dropout: about 10 minutes a fold on one core of a 2-core x86.
+# 10fold-r18: whole images, ResNet18 from random init, ArcFace s 32, 10 epochs (the first 10-fold recipe)
 run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
@@ -152,7 +206,16 @@ run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold09
 run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 
 # ---- Learning from CFP alone (README: "Learning faces from CFP alone"), seed split ----
-# scratch-r18: the study's best FF and FP (results/cfp-seed/r18_arcface_64px_squash_dropout06: val 0.813, test
-# 0.810, FF 0.847, FP 0.789): ResNet18 from random init, ArcFace, 64 px stretched, dropout 0.6, bf16 autocast,
-# 20 epochs: about 10 minutes on one core of a 2-core x86 CPU with AVX-512-BF16. Seed: none
+# results/cfp-seed/r18_arcface_64px_squash_dropout06 (val 0.813, test 0.810, FF 0.847, FP 0.789): ResNet18 from
+# random init, ArcFace, 64 px stretched, dropout 0.6, bf16 autocast, 20 epochs: about 10 minutes on one core of a
+# 2-core x86 CPU with AVX-512-BF16.
+# scratch-r18: whole images stretched, ResNet18 from random init, ArcFace s 32, dropout 0.6 (the recipe before alignment)
 run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropout06 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --resize squash --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --align none
+}
+
+if [ ${#IDS[@]} -eq 0 ] && [ $DRY_RUN = 0 ]; then
+    echo "experiments.sh: every experiment, in this order:"
+    PLAN=1 experiments
+    PLAN=0
+fi
+experiments

@@ -23,13 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES, Aligner
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, make_toy,
-                  preprocess, split_folds)
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, preprocess,
+                  split_folds)
 from evaluate import dataset_label, evaluate, write_scores
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import plot_curves, plot_errors, plot_inputs, plot_roc
+from toy import make_toy
 from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, atomic_write,
                    git_state, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
 

@@ -10,13 +10,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+from toy import make_toy  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
     """A tiny synthetic CFP: 20 identities (2 per fold), 4 same + 4 diff pairs per fold and kind."""
     root = str(tmp_path_factory.mktemp("toy"))
-    data.make_toy(root, num_ids=20, same_per_kind=4)
+    make_toy(root, num_ids=20, same_per_kind=4)
     return root
 
 

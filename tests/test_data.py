@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import data
+from toy import make_toy
 from conftest import ROOT
 
 
@@ -39,7 +40,7 @@ def test_toy_protocol_parses(toy):
 
 
 def test_toy_is_deterministic(toy, tmp_path):
-    data.make_toy(str(tmp_path / "again"), num_ids=20, same_per_kind=4)
+    make_toy(str(tmp_path / "again"), num_ids=20, same_per_kind=4)
     for rel in ("Protocol/Split/FP/03/diff.txt", "Data/Images/007/profile/02.jpg"):
         with open(os.path.join(toy, rel), "rb") as a, open(tmp_path / "again" / rel, "rb") as b:
             assert a.read() == b.read()

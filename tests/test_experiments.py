@@ -1,8 +1,11 @@
+import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -132,3 +135,62 @@ def test_sweep_skips_finished_resumes_interrupted_and_forces(toy, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "--overwrite" in r.stdout.splitlines()[0] and (run01 / "log.txt").read_text() != before
     assert "resumed" not in (run01 / "log.txt").read_text()
+
+
+def copy_project(tmp_path):
+    import shutil
+    for f in ["experiments.sh"] + [f for f in os.listdir(ROOT) if f.endswith(".py")]:
+        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+
+
+def test_a_smoke_run_is_not_taken_for_the_real_one(toy, tmp_path):
+    copy_project(tmp_path)
+    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --device cpu"
+    r = sh("01", env={"EXTRA_ARGS": tiny + " --max-steps 1"}, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = sh("01", env={"EXTRA_ARGS": tiny + " --max-steps 2"}, cwd=tmp_path)  # another line: trained, not skipped
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "skipped" not in r.stdout and "--overwrite" in r.stdout.splitlines()[0]
+    assert "--max-steps 2" in json.load(open(tmp_path / "runs/exp01_bce_vgg16_7e/config.json"))["command"]
+
+
+def test_sigterm_stops_the_training_it_started_after_listing_the_plan(toy, tmp_path):
+    copy_project(tmp_path)
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
+                         f"--device cpu --epochs 50"}
+    p = subprocess.Popen(["bash", "experiments.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    plan = []
+    for line in p.stdout:  # everything it will do is listed before the first run starts
+        if line.startswith("[01] python train.py"):
+            break
+        plan.append(line)
+    assert plan[0].startswith("experiments.sh: every experiment") and len(plan) == 1 + len(all_rows())
+    assert all(" run " in line for line in plan[1:])
+    deadline = time.time() + 120
+    while not (tmp_path / "runs/exp01_bce_vgg16_7e/log.txt").exists() and time.time() < deadline:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 130
+    out = subprocess.run(["pgrep", "-f", f"exp01_bce_vgg16_7e.*{toy}"], capture_output=True, text=True).stdout
+    assert out.strip() == "", "train.py was left running"
+    assert "interrupted" in p.stderr.read()
+
+
+def test_relative_cfp_root_is_taken_from_where_the_user_stands(toy, tmp_path):
+    copy_project(tmp_path)
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+           "CFP_ROOT": os.path.basename(toy),  # relative to the folder the user stands in, not to the script's
+           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --device cpu --max-steps 1"}
+    r = subprocess.run(["bash", str(tmp_path / "experiments.sh"), "01"], cwd=os.path.dirname(toy), env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    config = json.load(open(tmp_path / "runs/exp01_bce_vgg16_7e/config.json"))
+    assert os.path.realpath(config["args"]["data_root"]) == os.path.realpath(toy)
+
+
+def test_help_lists_every_id():
+    r = sh("--help")
+    listed = {line.split()[0] for line in r.stdout.splitlines() if line.startswith("  ") and line.split()}
+    assert {i for i, _ in all_rows()} <= listed
