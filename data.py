@@ -50,6 +50,7 @@ class CFP:
     profile: np.ndarray   # (N,) bool
     folds: dict           # fold (1-based int) -> {"FF": (P, 3), "FP": (P, 3)}, rows (a, b, same)
     landmarks: np.ndarray = None  # (N, 30, 2) float, image pixels; None when the dataset has no Data/Fiducials
+    fingerprint: str = ""  # sha1 of the image list and every pair: which dataset a run was trained on
 
     def pairs(self, folds, kinds=KINDS):
         """All pairs of the given folds as (P, 3) int64 rows (a, b, same), and each row's kind."""
@@ -189,8 +190,12 @@ def load_cfp(root):
             diff = _read_pairs(os.path.join(d, "diff.txt"), len(frontal), n_second, offset)
             folds[k][kind] = np.array([(a, b, 1) for a, b in same] + [(a, b, 0) for a, b in diff],
                                       dtype=np.int64).reshape(-1, 3)
+    h = hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode())
+    for k in sorted(folds):
+        for kind in KINDS:
+            h.update(np.ascontiguousarray(folds[k][kind]).tobytes())
     return CFP(root, paths, identity.astype(np.int64), np.arange(len(paths)) >= len(frontal), folds,
-               load_landmarks(root, paths))
+               load_landmarks(root, paths), h.hexdigest())
 
 
 def split_folds(protocol, test_fold=None):

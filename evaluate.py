@@ -238,8 +238,8 @@ def read_pair_list(path, chunk=4096):
         with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    fields = line.strip("\r\n").split("\t") if "\t" in line else line.split()
-                    fields = [x.strip() for x in fields]
+                    line = line.rstrip()  # trailing spaces, tabs and the line end
+                    fields = [x.strip() for x in line.split("\t")] if "\t" in line else line.split()
                     if len(fields) != 2 or not all(fields):
                         bad.append((n, f"expected two image paths separated by a tab or whitespace, got {quote(line)}"))
                     else:

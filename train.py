@@ -31,8 +31,9 @@ from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import plot_curves, plot_errors, plot_inputs, plot_roc
 from toy import make_toy
-from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, atomic_write,
-                   git_state, init_distributed, load_checkpoint, load_weights, run_cli, write_json)
+from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save,
+                   atomic_write, disk_full, git_state, init_distributed, load_checkpoint, load_weights, open_nofollow,
+                   run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
              "test_scores.csv", "errors.png", "inputs.png")
@@ -153,47 +154,75 @@ def get_args_parser():
 
 
 def check_args(args):
-    """Fill the loss default and refuse impossible combinations, before anything is read or written."""
+    """Fill the defaults that depend on other flags and refuse impossible settings, before anything is read or
+    written. A resumed run takes --dropout from its checkpoint when it is not given (open_run)."""
     if args.loss is None:
         args.loss = ARCH_LOSSES[args.arch][0]
-    if args.dropout is None:
+    if args.dropout is None and not args.resume:
         args.dropout = MARGIN_DROPOUT if LOSSES[args.loss].sampling == "images" else 0.0
+    check_ranges(args)
+    check_combinations(args)
+    if not args.out:
+        name = f"arch{args.arch}{'v' if args.variation else ''}_{args.loss}_{args.backbone}" \
+               f"_lr{args.lr:g}_{args.optimizer}_{args.epochs}e"
+        args.out = os.path.join("runs", name + (f"_fold{args.test_fold}" if args.test_fold else ""))
+
+
+MARGIN_RANGE = {"cosine": (-1.0, 1.0), "arcface": (0.0, 1.0), "cosface": (0.0, 1.0)}
+
+
+def check_ranges(args):
+    """Every numeric flag inside its range, one line naming the first that is not."""
+    def need(ok, flag, what):
+        if not ok:
+            raise UserError(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
+    for flag in ("lr", "weight_decay", "warmup_epochs", "freeze", "dropout", "margin", "scale", "align_margin"):
+        value = getattr(args, flag)
+        need(value is None or math.isfinite(value), flag, "a finite number")
+    for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
+        need(getattr(args, flag) >= 1, flag, "at least 1")
+    for flag in ("max_steps", "workers", "warmup_epochs", "weight_decay"):
+        need(getattr(args, flag) >= 0, flag, "non-negative")
+    need(args.lr > 0, "lr", "positive")
+    need(0 <= args.seed < 2 ** 32, "seed", "in [0, 2^32)")
+    need(0 <= args.freeze < 1, "freeze", "in [0, 1)")
+    need(args.dropout is None or 0 <= args.dropout < 1, "dropout", "in [0, 1)")
+    need(1 <= args.align_margin <= 4, "align_margin", "in [1, 4]")
+    need(args.embed_dim <= 65536, "embed_dim", "at most 65536")
+    need(args.img_size >= 32, "img_size", "at least 32 (five stride-2 stages)")
+    need(args.scale is None or args.scale > 0, "scale", "positive")
+    if args.margin is not None and args.loss in MARGIN_RANGE:
+        low, high = MARGIN_RANGE[args.loss]
+        need(low <= args.margin <= high, "margin", f"in [{low:g}, {high:g}] for --loss {args.loss}")
+
+
+def check_combinations(args):
+    """Flags that contradict each other, or that the chosen loss or backbone would ignore."""
+    sampling = LOSSES[args.loss].sampling
     if args.loss not in ARCH_LOSSES[args.arch]:
         raise UserError(f"--loss {args.loss} does not fit --arch {args.arch} "
                         f"(choose from {', '.join(ARCH_LOSSES[args.arch])})")
     if args.variation and args.arch != 1:
         raise UserError("--variation only applies to --arch 1")
-    if not 0 <= args.freeze < 1:
-        raise UserError(f"--freeze must be in [0, 1), got {args.freeze}")
+    if args.margin is not None and args.loss not in MARGIN_RANGE:
+        raise UserError(f"--margin does not apply to --loss {args.loss} (only to cosine, arcface and cosface)")
+    if args.scale is not None and sampling != "images":
+        raise UserError(f"--scale does not apply to --loss {args.loss} (only to arcface and cosface)")
     if args.pool == "flatten" and args.backbone.startswith("vgg"):
         raise UserError("--pool flatten is for ResNets: VGG's feature is already its flattened 7x7 map")
-    if not 0 <= args.dropout < 1:
-        raise UserError(f"--dropout must be in [0, 1), got {args.dropout}")
-    if not 1 <= args.align_margin <= 4:
-        raise UserError(f"--align-margin must be in [1, 4], got {args.align_margin}")
     if not args.maxpool and args.backbone.startswith("vgg"):
         raise UserError("--no-maxpool is for ResNets: VGG has no stem max-pool")
     if args.jitter and not args.augment:
         raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
-    for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if LOSSES[args.loss].sampling == "images" and args.batch_size < 2:
-        raise UserError(f"--loss {args.loss} needs --batch-size of at least 2 (BatchNorm on the embedding)")
-    if args.lr <= 0 or args.max_steps < 0 or args.warmup_epochs < 0 or args.workers < 0:
-        raise UserError("--lr must be positive; --max-steps, --warmup-epochs and --workers non-negative")
-    if args.img_size < 32:
-        raise UserError(f"--img-size must be at least 32 (five stride-2 stages), got {args.img_size}")
+    if args.batch_size < 2 and (sampling == "images" or args.arch == 1):
+        raise UserError(f"--arch {args.arch} --loss {args.loss} needs --batch-size of at least 2 (BatchNorm "
+                        f"{'on the embedding' if sampling == 'images' else 'in the decision network'})")
     if args.resume and args.overwrite:
         raise UserError("--resume and --overwrite contradict each other")
     if args.protocol == "10fold":
         split_folds(args.protocol, args.test_fold)
     elif args.test_fold is not None:
         raise UserError("--test-fold needs --protocol 10fold")
-    if not args.out:
-        name = f"arch{args.arch}{'v' if args.variation else ''}_{args.loss}_{args.backbone}" \
-               f"_lr{args.lr:g}_{args.optimizer}_{args.epochs}e"
-        args.out = os.path.join("runs", name + (f"_fold{args.test_fold}" if args.test_fold else ""))
 
 
 def check_run_folder(args):
@@ -276,18 +305,25 @@ class Logger:
 
     def open(self, path):
         self.path = path
-        with open(path, "a") as f:
-            f.writelines(line + "\n" for line in self.pending)
+        self._write("".join(line + "\n" for line in self.pending))
         self.pending = []
 
     def __call__(self, *msg):
         line = " ".join(str(m) for m in msg)
         print(line, flush=True)
         if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
+            self._write(line + "\n")
         else:
             self.pending.append(line)
+
+    def _write(self, text):
+        try:
+            with open_nofollow(self.path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            if disk_full(e):
+                raise DiskFull(f"no space left on device while writing {self.path}") from None
+            raise
 
 
 def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, epoch, args, ctx):
@@ -421,9 +457,19 @@ def open_run(args, world):
     if not args.resume:
         return None
     resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
-    if args.align is None:  # a resumed run keeps the alignment it started with
-        args.align = {**EARLIER_DEFAULTS, **resume["args"]}["align"]
+    saved = {**EARLIER_DEFAULTS, **resume["args"]}
+    for flag in ("align", "dropout"):  # not given: the run's own value (or what it ran with before the flag)
+        if getattr(args, flag) is None:
+            setattr(args, flag, saved[flag])
     check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
+    best = os.path.join(args.out, "best.pt")
+    if not os.path.exists(best) and resume["epoch"] > 0:
+        if resume["best"]["epoch"] != resume["epoch"]:
+            raise UserError(f"--resume: {best} is gone and its epoch ({resume['best']['epoch']}) cannot be rebuilt "
+                            f"from last.pt (epoch {resume['epoch']}); put it back, or start again with --overwrite")
+        keep = ("model", "criterion", "args", "epoch", "threshold", "thresholds", "val_acc", "val", "aligner",
+                "fingerprint")
+        atomic_save({k: resume[k] for k in keep if k in resume}, best)  # the last epoch was the best one
     return resume
 
 
@@ -452,6 +498,9 @@ def prepare_data(run, resume):
     if run.world > 1:
         dist.barrier()
     run.cfp = cfp = load_cfp(args.data_root)
+    if resume and resume.get("fingerprint") not in (None, cfp.fingerprint):
+        raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
+                        f"files or image list differ); use the run's own --data-root, or another --out")
     run.folds = folds = split_folds(args.protocol, args.test_fold)
     run.aligner = build_aligner(args, cfp, folds["train"], resume)
     if LOSSES[args.loss].sampling == "images":
@@ -549,7 +598,8 @@ def record_run(run, resume):
                                    "templates_from_folds": run.folds["train"]}
         write_json(path, {"args": vars(args), "command": command, **git_state(), "torch": torch.__version__,
                           "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
-                          "dataset": dataset_label(args.data_root), "selected_by": SELECTED_BY, "built": built,
+                          "dataset": dataset_label(args.data_root), "dataset_fingerprint": run.cfp.fingerprint,
+                          "selected_by": SELECTED_BY, "built": built,
                           "aligner": aligner})
     else:
         try:
@@ -603,7 +653,8 @@ def save_epoch(run, epoch, val):
     thresholds = {k: val["threshold" + ("" if k == "all" else f"_{k}")] for k in ("all",) + KINDS}
     state = {"model": run.model.state_dict(), "criterion": run.criterion.state_dict(), "args": vars(run.args),
              "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
-             "val_acc": val["val_acc"], "val": val, "aligner": run.aligner and run.aligner.state()}
+             "val_acc": val["val_acc"], "val": val, "aligner": run.aligner and run.aligner.state(),
+             "fingerprint": run.cfp.fingerprint}
     if val["val_acc"] > run.best["val_acc"]:
         run.best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
         atomic_save(state, os.path.join(out, "best.pt"))

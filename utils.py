@@ -38,16 +38,33 @@ def run_cli(main, args):
 # Files that are either the old version or the new one, never half-written
 
 
+def open_nofollow(path, mode="ab"):
+    """open() for writing that never follows a symbolic link planted at path (O_NOFOLLOW): a run folder's
+    files are its own, never another file reached through a link."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if "a" in mode else os.O_TRUNC)
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        if os.path.islink(path):
+            raise UserError(f"{path} is a symbolic link: refusing to write through it") from None
+        raise
+    return os.fdopen(fd, mode)
+
+
 def _atomic(path, write):
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)  # a stale temp file, or a link planted in its place: never written through
+        with open_nofollow(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link at path itself, never its target
     except (OSError, RuntimeError) as e:
-        if _disk_full(e):
+        if _in_chain(e, KeyboardInterrupt):  # Ctrl-C inside torch.save surfaces as "unexpected pos"
+            raise KeyboardInterrupt from None
+        if disk_full(e):
             kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else \
                 f"no {os.path.basename(path)} was written"
             raise DiskFull(f"no space left on device while writing {path}; {kept}") from None
@@ -55,11 +72,19 @@ def _atomic(path, write):
             raise UserError(f"cannot write {path}: permission denied") from None
         raise
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
-def _disk_full(e):
+def _in_chain(e, kind):
+    while e is not None:
+        if isinstance(e, kind):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def disk_full(e):
     """ENOSPC anywhere in the exception chain: torch's zip writer turns a full disk into a RuntimeError
     ("unexpected pos ...") raised while handling the OSError."""
     while e is not None:
@@ -98,6 +123,7 @@ def load_checkpoint(path, kind="best"):
         raise UserError(f"checkpoint {path} is empty (0 bytes): damaged")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file (not a zip archive)")
+    check_unpacked_size(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -121,6 +147,19 @@ def load_checkpoint(path, kind="best"):
     return ckpt
 
 
+def check_unpacked_size(path, factor=2):
+    """torch.save stores its records uncompressed: a file whose records would unpack to far more than its own
+    size is damaged or crafted, and is refused before anything is allocated."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            unpacked = sum(info.file_size for info in z.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: damaged or not a PyTorch file ({e})") from None
+    if unpacked > factor * os.path.getsize(path) + 2 ** 20:
+        raise UserError(f"refusing to load {path}: its records would unpack to {unpacked / 2**30:.1f} GiB from a "
+                        f"{os.path.getsize(path) / 2**20:.1f} MiB file; damaged or not written by train.py")
+
+
 def load_weights(module, state, path):
     """load_state_dict, with a one-line error when the weights do not fit the network."""
     try:
@@ -142,8 +181,12 @@ class RunLock:
             raise UserError(f"--out {folder} is a file, not a folder")
         try:
             os.makedirs(folder, exist_ok=True)
-            self.file = open(os.path.join(folder, ".lock"), "a+")
+            self.file = os.fdopen(os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                                          0o644), "a+")
         except OSError as e:
+            if os.path.islink(os.path.join(folder, ".lock")):
+                raise UserError(f"{os.path.join(folder, '.lock')} is a symbolic link: refusing to write "
+                                f"through it") from None
             raise UserError(f"--out {folder} cannot be written: {e.strerror}") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -158,7 +201,7 @@ class RunLock:
         self.file.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n")
         self.file.flush()
         # what a killed run was writing when it died: never read again, possibly gigabytes
-        for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
+        for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # --out is a path, not a pattern
             os.remove(tmp)
 
     def release(self):

@@ -1,12 +1,15 @@
 """What a careful tester tries: two runs on one folder, killed writes, full disks, damaged checkpoints,
 hostile images and protocol files, partly bad pair lists, symlinked datasets, rotated photos."""
 import errno
+import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 
 import numpy as np
@@ -31,6 +34,12 @@ def fold3_run(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "fold03"
     train.main(smoke_args(toy, out, "--protocol", "10fold", "--test-fold", "3", "--epochs", "1", "--max-steps", "3"))
     return out
+
+
+def smoke_argv(toy, out):
+    """smoke_args as a command line, for cli()."""
+    return ["--data-root", toy, "--out", out, "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
+            "--batch-size", "8", "--epochs", "1", "--device", "cpu"]
 
 
 def copy_run(run, dst):
@@ -259,3 +268,132 @@ def test_a_resumed_run_is_not_shown_as_finished(fold3_run, toy, tmp_path, monkey
     assert seen == [False] and (run / "metrics.json").exists()  # gone while training, back when it finished
     table, _ = evaluate.summarize(str(tmp_path))
     assert "running or stopped" not in table
+
+
+# ---------------------------------------------------------------------------
+# Third round
+
+
+BAD_NUMBERS = {
+    "--seed -1": (["--seed", "-1"], "--seed must be in"),
+    "--lr nan": (["--lr", "nan"], "--lr must be a finite number"),
+    "--warmup-epochs nan": (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number"),
+    "--scale 0": (["--loss", "arcface", "--scale", "0"], "--scale must be positive"),
+    "--margin 2 arcface": (["--loss", "arcface", "--margin", "2"], r"--margin must be in \[0, 1\] for --loss arcface"),
+    "--margin nan": (["--loss", "cosface", "--margin", "nan"], "--margin must be a finite number"),
+    "--embed-dim huge": (["--embed-dim", "1000000"], "--embed-dim must be at most"),
+    "--arch 1 --batch-size 1": (["--arch", "1", "--batch-size", "1"], "needs --batch-size of at least 2"),
+    "--scale with cosine": (["--loss", "cosine", "--scale", "16"], "--scale does not apply to --loss cosine"),
+    "--margin with ce": (["--arch", "1", "--loss", "ce", "--margin", "0.2"], "--margin does not apply to --loss ce"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_NUMBERS))
+def test_numeric_flags_are_range_checked_before_work(toy, tmp_path, case):
+    argv, message = BAD_NUMBERS[case]
+    r = cli(train, *smoke_argv(toy, tmp_path / "run"), *argv)
+    assert r.returncode == 2 and re.search(message, r.stderr), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "lower --lr" not in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_made_before_dropout_existed_resumes_with_its_old_value(toy, tmp_path):
+    out = tmp_path / "run"
+    train.main(smoke_args(toy, out, "--loss", "arcface", "--dropout", "0", "--epochs", "1"))
+    for name in ("last.pt", "best.pt"):  # as written before the flag existed: no "dropout" in its args
+        ckpt = torch.load(out / name, weights_only=False)
+        del ckpt["args"]["dropout"]
+        torch.save(ckpt, out / name)
+    m = train.main(smoke_args(toy, out, "--loss", "arcface", "--epochs", "2", "--resume"))
+    assert m["epochs_run"] == 2
+    assert json.loads((out / "config.json").read_text())["args"]["dropout"] == 0
+
+
+def test_ctrl_c_inside_a_checkpoint_save_is_an_interrupt_and_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    utils.atomic_save({"x": torch.zeros(1000)}, path)
+    before = path.read_bytes()
+    real = utils.open_nofollow
+
+    def interrupted(p, mode="ab"):  # Ctrl-C arrives while torch's zip writer is writing records
+        f = real(p, mode)
+        calls = []
+
+        def write(b):
+            calls.append(1)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return type(f).write(f, b)
+        f.write = write
+        return f
+    monkeypatch.setattr(utils, "open_nofollow", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # not RuntimeError("unexpected pos ..."), which torch raises
+        utils.atomic_save({"x": torch.zeros(100000)}, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_run_folder_files_are_never_written_through_a_link(toy, tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").symlink_to(outside)
+    r = cli(train, *smoke_argv(toy, out))
+    assert r.returncode == 2 and ".lock is a symbolic link" in r.stderr
+    (out / ".lock").unlink()
+    (out / "notes.txt").symlink_to(outside)
+    with pytest.raises(UserError, match="symbolic link"):
+        utils.open_nofollow(str(out / "notes.txt"), "a")
+    os.symlink(outside, str(out / f"best.pt.tmp{os.getpid()}"))  # a link where the temp file will go
+    utils.atomic_save({"x": torch.zeros(1)}, str(out / "best.pt"))
+    assert outside.read_text() == "keep me\n" and not os.path.islink(out / "best.pt")
+
+
+def test_out_is_a_path_never_a_glob_pattern(toy, tmp_path):
+    other = tmp_path / "runs" / "other"
+    other.mkdir(parents=True)
+    (other / "best.pt.tmp123").write_text("another run's temp file")
+    train.main(smoke_args(toy, tmp_path / "runs" / "*", "--epochs", "1", "--max-steps", "1"))
+    assert (other / "best.pt.tmp123").exists()
+
+
+def test_checkpoint_that_would_unpack_far_beyond_its_size_is_refused(tmp_path):
+    path = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\0" * (64 << 20))  # 64 MiB of zeros in a few kB
+    assert os.path.getsize(path) < 1 << 20
+    with pytest.raises(UserError, match="would unpack to"):
+        utils.load_checkpoint(str(path))
+
+
+def test_resume_refuses_another_dataset_and_rebuilds_a_lost_best(toy, tmp_path):
+    out = tmp_path / "run"
+    train.main(smoke_args(toy, out, "--epochs", "1"))
+    other = tmp_path / "other"
+    shutil.copytree(toy, other)
+    same = other / "Protocol/Split/FF/02/same.txt"
+    same.write_text("".join(reversed(same.read_text().splitlines(True))))
+    with pytest.raises(UserError, match="is not the dataset"):
+        train.main(smoke_args(other, out, "--epochs", "2", "--resume"))
+    assert (out / "metrics.json").exists()  # refused before anything of the run was touched
+    (out / "best.pt").unlink()  # its only epoch was the best one: rebuilt from last.pt
+    m = train.main(smoke_args(toy, out, "--epochs", "2", "--resume"))
+    assert m["epochs_run"] == 2 and (out / "best.pt").exists()
+
+
+def test_pair_lists_stream_and_take_any_separator(fold3_run, toy, tmp_path, monkeypatch):
+    images = [os.path.join(toy, "Data/Images/003/frontal/01.jpg"), os.path.join(toy, "Data/Images/004/profile/02.jpg")]
+    lines = [f"{images[0]}\t{images[1]}  ", f"{images[1]} {images[0]}   "] * 5000
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    decoded = []
+    real = evaluate.decode_photo
+    monkeypatch.setattr(evaluate, "decode_photo", lambda p, c: decoded.append(p) or real(p, c))
+    r = cli(evaluate, fold3_run, "--pairs", tmp_path / "list.txt")
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.strip().splitlines()
+    assert len(rows) == 1 + 10000 and len(decoded) == 2  # each image decoded once across all chunks
+    for bad, what in ((tmp_path, "is a folder"), ("/dev/null", "is not a regular file")):
+        r = cli(evaluate, fold3_run, "--pairs", bad)
+        assert r.returncode == 2 and what in r.stderr
+    r = cli(evaluate, fold3_run, "--pair", "/dev/null", images[0])
+    assert r.returncode == 2 and "/dev/null is not a regular file" in r.stderr
