@@ -14,9 +14,11 @@ normalisation then run on whole batches, on the training device.
     python data.py --make-toy DIR   write a small synthetic dataset in the same layout
 """
 import argparse
+import glob
 import hashlib
 import math
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -280,14 +282,51 @@ def _cache_file(cache_dir, paths, size, resize, matrices=None):
     return os.path.join(cache_dir, f"cfp_{size}px_{view}_{len(paths)}img_{h.hexdigest()[:16]}.pt")
 
 
+def warn(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def read_cache(path, shape):
+    """The cached images, or None (with a warning) when the file is damaged or holds something else.
+    Temp files that a killed write left beside it are removed first."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp[0-9]*"):
+        os.remove(tmp)
+    if not os.path.isfile(path):
+        return None
+    try:
+        images = torch.load(path, weights_only=True)
+    except Exception as e:  # a truncated or foreign file: any of torch's, pickle's or zipfile's errors
+        warn(f"cache {path} cannot be read ({type(e).__name__}): decoding the images again")
+        return None
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+        warn(f"cache {path} holds something else than {shape} uint8 images: decoding the images again")
+        return None
+    return images
+
+
+def write_cache(images, path):
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_save(images, path)
+    except (OSError, UserError) as e:  # a full disk or a read-only folder: the run goes on without a cache
+        warn(f"the image cache {path} could not be written ({e}); going on without it")
+
+
 def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None):
     """Decode every path once, resized whole or warped by its matrix (align.py): (N, 3, size, size) uint8.
 
     With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes, the image
-    size and the warps, so later runs skip decoding."""
-    cache = _cache_file(cache_dir, paths, size, resize, matrices) if cache_dir else None
-    if cache and os.path.isfile(cache):
-        return torch.load(cache, weights_only=True)
+    size and the warps, so later runs skip decoding. The cache is optional: whatever goes wrong with it,
+    the images are decoded."""
+    cache = None
+    if cache_dir:
+        try:
+            cache = _cache_file(cache_dir, paths, size, resize, matrices)
+        except OSError as e:  # a missing image: decoding will name it
+            warn(f"--cache-dir: {e.filename} cannot be read; decoding without the cache")
+    images = read_cache(cache, (len(paths), 3, size, size)) if cache else None
+    if images is not None:
+        return images
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     matrices = [None] * len(paths) if matrices is None else matrices
     # Pillow releases the GIL while decoding and resizing, so threads use every core.
@@ -295,8 +334,7 @@ def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=Non
         for i, img in enumerate(pool.map(lambda p, m: decode_image(p, size, resize, m), paths, matrices)):
             out[i] = img
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        atomic_save(out, cache)
+        write_cache(out, cache)
     return out
 
 

@@ -94,7 +94,11 @@ def evaluate(model, bank, pairs, criterion=None, batch_size=64, device="cpu", tt
     loss = float("nan")
     if criterion is not None and criterion.sampling == "pairs":
         loss = float(criterion(out, same))  # pair losses hold no tensors: the CPU will do
-    return {"scores": pair_score(out).numpy(), "labels": pairs[:, 2], "loss": loss,
+    scores = pair_score(out).numpy()
+    if not np.isfinite(scores).all():
+        raise UserError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} pair scores are not finite (NaN or "
+                        f"infinite): the network's weights are broken; no metric is computed")
+    return {"scores": scores, "labels": pairs[:, 2], "loss": loss,
             "num_embedded": len(indices) * (2 if tta else 1), "seconds": time.time() - t}
 
 
@@ -269,77 +273,117 @@ def _fmt(x, digits=3):
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
+SUMMARY_COLUMNS = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "view", "lr", "optimizer", "epochs",
+                   "steps", "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC", "FP AUC", "best epoch"]
+
+
+def find_runs(root):
+    """Every folder under root with a config.json or metrics.json; symbolic links are not followed (no loops)."""
+    return sorted(d for d, _, files in os.walk(root) if {"config.json", "metrics.json"} & set(files))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def view_of(a):
+    """How the run put faces into its square: aligned (template/box, margin) or the whole image (resize mode)."""
+    align = a.get("align") or "none"
+    return a.get("resize", "squash") if align == "none" else f"{align} {a.get('align_margin', 1.25):g}"
+
+
+def run_row(run, root):
+    """One table row for a run folder -> (row, args, metrics or None)."""
+    name = os.path.relpath(run, root) if os.path.relpath(run, root) != "." else os.path.basename(run)
+    config = read_json(os.path.join(run, "config.json"))
+    a = config["args"]
+    row = [name, config.get("dataset") or dataset_label(a["data_root"]),
+           a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else ""),
+           f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"], str(a["img_size"]),
+           view_of(a), f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
+    pretrained = "yes" if a["pretrained"] else "no"
+    if not os.path.isfile(os.path.join(run, "metrics.json")):
+        done = 0
+        if os.path.isfile(os.path.join(run, "history.csv")):
+            with open(os.path.join(run, "history.csv")) as f:
+                done = max(0, sum(1 for _ in f) - 1)
+        return row + ["", pretrained, f"running or stopped: epoch {done}/{a['epochs']}"] + [""] * 6, a, None
+    m = read_json(os.path.join(run, "metrics.json"))
+    t = m["test"]
+    cells = [float(x) for x in (m["val_acc"], m["test_acc"], t["FF"]["acc"], t["FP"]["acc"], t["FF"]["auc"],
+                                t["FP"]["auc"])]
+    return row + [str(m.get("steps", "")), pretrained, *map(_fmt, cells), str(m["best_epoch"])], a, m
+
+
+def configuration_key(run, root):
+    """10-fold runs of one configuration: the same parent folder and the same name up to _foldK."""
+    parent = os.path.relpath(os.path.dirname(run), root)
+    base = re.sub(r"_?fold\d+$", "", os.path.basename(run)) or os.path.basename(run)
+    return base if parent == "." else os.path.join(parent, base)
+
+
 def summarize(root):
     """Markdown table, one row per run under root (10-fold runs of one configuration also grouped)
     -> (text, raw 10-fold values)."""
-    runs = sorted({os.path.dirname(p) for pat in ("config.json", "metrics.json")
-                   for p in glob.glob(os.path.join(root, "**", pat), recursive=True)})
+    runs = find_runs(root)
     if not runs:
         raise UserError(f"--summarize: no run folders (with config.json) under {root}")
-    cols = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "lr", "optimizer", "epochs", "steps",
-            "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC", "FP AUC", "best epoch"]
-    rows, folds = [], {}
+    rows, folds, warnings = [], {}, []
     for run in runs:
-        name = os.path.relpath(run, root) if os.path.relpath(run, root) != "." else os.path.basename(run)
         try:
-            with open(os.path.join(run, "config.json")) as f:
-                config = json.load(f)
-            a = config["args"]
-            desc = [name, config.get("dataset") or dataset_label(a["data_root"]),
-                    a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else ""),
-                    f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"],
-                    str(a["img_size"]), f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
-            metrics_file = os.path.join(run, "metrics.json")
-            if not os.path.isfile(metrics_file):
-                done = 0
-                if os.path.isfile(os.path.join(run, "history.csv")):
-                    with open(os.path.join(run, "history.csv")) as f:
-                        done = max(0, sum(1 for _ in f) - 1)
-                rows.append(desc + ["", "yes" if a["pretrained"] else "no",
-                                    f"running or stopped: epoch {done}/{a['epochs']}"] + [""] * 6)
+            row, a, m = run_row(run, root)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            rows.append([os.path.relpath(run, root), f"unreadable: {type(e).__name__}: {str(e)[:80]}"]
+                        + [""] * (len(SUMMARY_COLUMNS) - 2))
+            continue
+        rows.append(row)
+        if m is not None and a["protocol"] == "10fold":
+            key = configuration_key(run, root)
+            if a["test_fold"] in folds.get(key, {}):
+                warnings.append(f"warning: {key}: two runs test fold {a['test_fold']} "
+                                f"({folds[key][a['test_fold']][1]}, {run}); the first is used")
                 continue
-            with open(metrics_file) as f:
-                m = json.load(f)
-            t = m["test"]
-            rows.append(desc + [str(m.get("steps", "")), "yes" if a["pretrained"] else "no", _fmt(m["val_acc"]),
-                                _fmt(m["test_acc"]), _fmt(t["FF"]["acc"]), _fmt(t["FP"]["acc"]),
-                                _fmt(t["FF"]["auc"]), _fmt(t["FP"]["auc"]), str(m["best_epoch"])])
-            if a["protocol"] == "10fold":  # fold runs of one configuration share a name up to _foldK
-                key = re.sub(r"_?fold\d+$", "", os.path.basename(run)) or run
-                folds.setdefault(key, {})[a["test_fold"]] = (m, run)
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            rows.append([name, f"unreadable: {type(e).__name__}: {str(e)[:80]}"] + [""] * (len(cols) - 2))
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            folds.setdefault(key, {})[a["test_fold"]] = (m, run)
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-    raw = []
-    if folds:
-        lines += ["", "10-fold protocol: test fold accuracy, each kind at its own validation-fold threshold; "
-                  "mean +- std over folds; TAR@FAR pooled over the folds' test scores", "",
+    raw = [tenfold_values(key, by_fold) for key, by_fold in sorted(folds.items())]
+    if raw:
+        lines += ["", "10-fold protocol: test fold accuracy, each kind at its own validation-fold threshold; mean +- "
+                  "sample standard deviation (ddof 1) over folds; TAR@FAR pooled over the folds' test scores (the "
+                  "folds' models are not calibrated to each other)", "",
                   "| configuration | folds | FF acc | FP acc | FF AUC | FP AUC | FF EER | FP EER | FF TAR@FAR=1% "
                   "| FP TAR@FAR=1% |", "|" + "---|" * 10]
-        for key, by_fold in sorted(folds.items()):
-            ks = sorted(by_fold)
-            vals = {f"{kind} {m}": [by_fold[k][0]["test"][kind][m] for k in ks]
-                    for kind in KINDS for m in ("acc", "auc", "eer")}
-            pooled = {}
-            files = [os.path.join(by_fold[k][1], "test_scores.csv") for k in ks]
-            if all(os.path.isfile(f) for f in files):
-                s, y, kinds = (np.concatenate(x) for x in zip(*map(read_scores, files)))
-                for kind in KINDS:
-                    sel = kinds == kind
-                    fpr, tpr, _ = roc(s[sel], y[sel])
-                    pooled[kind] = tar_at_far(fpr, tpr, int((y[sel] == 0).sum()))
-            cells = [key, str(len(ks))]
-            cells += [f"{np.mean(vals[f'{kind} acc']):.4f} +- {np.std(vals[f'{kind} acc']):.4f}" for kind in KINDS]
-            cells += [f"{np.mean(vals[f'{kind} {m}']):.4f}" for m in ("auc", "eer") for kind in KINDS]
-            cells += [_fmt(pooled.get(kind, {}).get("tar@far=0.01"), 4) for kind in KINDS]
-            lines.append("| " + " | ".join(cells) + " |")
-            raw.append({"configuration": key, "folds": ks, **vals,
-                        **{f"{kind} pooled": pooled.get(kind, {}) for kind in KINDS}})
+        lines += [tenfold_row(r) for r in raw]
         for r in raw:
             lines += ["", f"{r['configuration']}, folds {r['folds']}:"]
             lines += [f"  {k}: " + " ".join(f"{v:.4f}" for v in r[k]) for k in r if k.endswith(("acc", "auc", "eer"))]
-    return "\n".join(lines) + "\n", raw
+    return "\n".join(warnings + lines) + "\n", raw
+
+
+def tenfold_values(key, by_fold):
+    """The per-fold metrics of one 10-fold configuration, and TAR@FAR over its pooled test scores."""
+    ks = sorted(by_fold)
+    vals = {f"{kind} {m}": [float(by_fold[k][0]["test"][kind][m]) for k in ks]
+            for kind in KINDS for m in ("acc", "auc", "eer")}
+    pooled = {}
+    files = [os.path.join(by_fold[k][1], "test_scores.csv") for k in ks]
+    if all(os.path.isfile(f) for f in files):
+        s, y, kinds = (np.concatenate(x) for x in zip(*map(read_scores, files)))
+        for kind in KINDS:
+            sel = kinds == kind
+            fpr, tpr, _ = roc(s[sel], y[sel])
+            pooled[kind] = tar_at_far(fpr, tpr, int((y[sel] == 0).sum()))
+    return {"configuration": key, "folds": ks, **vals, **{f"{kind} pooled": pooled.get(kind, {}) for kind in KINDS}}
+
+
+def tenfold_row(r):
+    std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")  # noqa: E731
+    cells = [r["configuration"], str(len(r["folds"]))]
+    cells += [f"{np.mean(r[f'{kind} acc']):.4f} +- {std(r[f'{kind} acc']):.4f}" for kind in KINDS]
+    cells += [f"{np.mean(r[f'{kind} {m}']):.4f}" for m in ("auc", "eer") for kind in KINDS]
+    cells += [_fmt(r[f"{kind} pooled"].get("tar@far=0.01"), 4) for kind in KINDS]
+    return "| " + " | ".join(cells) + " |"
 
 
 def get_args_parser():
@@ -448,6 +492,8 @@ def evaluate_folds(args, model, ckpt, device):
     run's own validation folds (under the same TTA)."""
     a = ckpt["args"]
     root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))
+    if not args.data_root and root != a["data_root"]:
+        print(f"data: the run's --data-root {a['data_root']} is not there; reading $CFP_ROOT={root}")
     cfp = load_cfp(root)
     roles = split_folds(a["protocol"], a.get("test_fold"))
     for k in args.folds or []:

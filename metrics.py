@@ -11,8 +11,17 @@ FARS = (1e-2, 1e-3)
 MIN_FALSE_ACCEPTS = 10  # a TAR@FAR is quoted only where FAR x negatives >= this many pairs
 
 
+class NonFiniteScores(ValueError):
+    pass
+
+
 def _arrays(scores, labels):
-    return np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if not np.isfinite(scores).all():  # a NaN would sort anywhere and make every figure meaningless
+        bad = int((~np.isfinite(scores)).sum())
+        raise NonFiniteScores(f"{bad} of {len(scores)} scores are not finite (NaN or infinite): the network's "
+                              f"outputs are broken, so no metric is computed")
+    return scores, np.asarray(labels).astype(bool)
 
 
 def roc(scores, labels):

@@ -119,7 +119,8 @@ def test_summary_of_ten_folds_uses_each_folds_metrics(tmp_path):
     table, raw = evaluate.summarize(str(runs))
     row = next(line for line in table.splitlines() if line.startswith("| cfg | 10 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[2] == f"{np.mean(ff):.4f} +- {np.std(ff):.4f}" and cells[3] == f"{np.mean(fp):.4f} +- {np.std(fp):.4f}"
+    assert cells[2] == f"{np.mean(ff):.4f} +- {np.std(ff, ddof=1):.4f}"  # the sample standard deviation
+    assert cells[3] == f"{np.mean(fp):.4f} +- {np.std(fp, ddof=1):.4f}"
     assert cells[4:8] == [f"{np.mean(ff - 0.05):.4f}", f"{np.mean(fp - 0.05):.4f}", f"{np.mean(1 - ff):.4f}",
                           f"{np.mean(1 - fp):.4f}"]
     for i, kind in enumerate(("FF", "FP")):  # TAR@FAR=1% over the pooled 3500 negatives of the ten folds
@@ -151,7 +152,8 @@ def test_summary_marks_datasets_and_survives_a_broken_run(fold3_run, tmp_path):
             for line in r.stdout.split("10-fold")[0].splitlines() if line.startswith("| ")}
     assert rows["toy_run"][1] == "toy" and rows["cfp_run"][1] == "CFP" and rows["run"][1] == "data"
     assert rows["broken"][1].startswith("unreadable: JSONDecodeError")
-    assert rows["toy_run"][2] == "10fold 3" and rows["toy_run"][6] == "32" and rows["toy_run"][10].isdigit()
+    assert rows["toy_run"][2] == "10fold 3" and rows["toy_run"][6] == "32" and rows["toy_run"][7] == "pad"
+    assert rows["toy_run"][11].isdigit()  # steps
     assert (tmp_path / "table.md").read_text() == r.stdout
     assert sorted(os.listdir(runs)) == ["broken", "cfp_run", "toy_run"]
 

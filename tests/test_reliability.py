@@ -397,3 +397,60 @@ def test_pair_lists_stream_and_take_any_separator(fold3_run, toy, tmp_path, monk
         assert r.returncode == 2 and what in r.stderr
     r = cli(evaluate, fold3_run, "--pair", "/dev/null", images[0])
     assert r.returncode == 2 and "/dev/null is not a regular file" in r.stderr
+
+
+def test_caches_are_optional(toy, tmp_path, monkeypatch, capsys):
+    cfp = data.load_cfp(toy)
+    paths = cfp.paths[:6]
+    cache = tmp_path / "cache"
+    first = data.load_images(paths, 32, cache_dir=str(cache))
+    (name,) = os.listdir(cache)
+    full = (cache / name).read_bytes()
+    (cache / name).write_bytes(full[:len(full) // 2])  # truncated
+    (cache / f"{name}.tmp4242").write_bytes(b"half a write")  # left by a killed run
+    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert "cannot be read" in capsys.readouterr().err and sorted(os.listdir(cache)) == [name]
+    torch.save(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), cache / name)  # wrong shape
+    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert "holds something else" in capsys.readouterr().err
+
+    def full_disk(obj, path):
+        raise utils.DiskFull(f"no space left on device while writing {path}")
+    monkeypatch.setattr(data, "atomic_save", full_disk)
+    (cache / name).unlink()
+    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert "could not be written" in capsys.readouterr().err
+    missing = [paths[1], str(tmp_path / "gone.jpg")]
+    with pytest.raises(data.DataError, match="missing image .*gone.jpg"):
+        data.load_images(missing, 32, cache_dir=str(cache))
+
+
+def test_summaries_group_by_folder_and_survive_any_content(fold3_run, tmp_path):
+    root = tmp_path / "results"
+    for study in ("A", "B"):  # the same run name in two studies: two configurations, neither lost
+        shutil.copytree(fold3_run, root / study / "x_fold03", ignore=shutil.ignore_patterns("*.pt"))
+    shutil.copytree(fold3_run, root / "A" / "copy" / "x_fold03", ignore=shutil.ignore_patterns("*.pt"))
+    junk = {"missing keys": {}, "nulls": {"val_acc": None, "test": None}, "strings": {"val_acc": "high"},
+            "deep": "[" * 100000 + "]" * 100000}
+    for name, content in junk.items():
+        shutil.copytree(fold3_run, root / "junk" / name, ignore=shutil.ignore_patterns("*.pt"))
+        (root / "junk" / name / "metrics.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    (root / "junk" / "loop").symlink_to(root)  # a link back up: not followed
+    table, raw = evaluate.summarize(str(root))
+    assert {r["configuration"] for r in raw} == {"A/x", "B/x", "A/copy/x"}
+    for name in junk:
+        assert f"junk/{name} | unreadable" in table
+
+
+def test_non_finite_scores_are_refused(fold3_run, toy, tmp_path):
+    import metrics
+    with pytest.raises(ValueError, match="not finite"):
+        metrics.roc(np.array([0.1, np.nan, 0.3]), np.array([1, 0, 1]))
+    model, ckpt = evaluate.load_model(str(fold3_run), torch.device("cpu"))
+    with torch.no_grad():
+        model.neck[0].weight.fill_(float("nan"))
+    cfp = data.load_cfp(toy)
+    pairs, _ = cfp.pairs([3])
+    bank = data.ImageBank(cfp, pairs[:, :2].ravel(), 32)
+    with pytest.raises(UserError, match="pair scores are not finite"):
+        evaluate.evaluate(model, bank, pairs)
