@@ -84,6 +84,11 @@ def _read_lines(path):
         raise DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
+def is_number(text):
+    """A protocol number: 1-9 ASCII digits (str.isdigit also takes other scripts' digits and superscripts)."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 def _read_image_list(root, name):
     path = os.path.join(root, "Protocol", name)
     protocol_dir = os.path.join(root, "Protocol")
@@ -91,7 +96,7 @@ def _read_image_list(root, name):
     paths = []
     for n, line in _read_lines(path):
         parts = line.split(maxsplit=1)
-        if len(parts) != 2 or not parts[0].isdigit() or len(parts[0]) > 9 or int(parts[0]) != len(paths) + 1:
+        if len(parts) != 2 or not is_number(parts[0]) or int(parts[0]) != len(paths) + 1:
             raise DataError(f"{path}:{n}: expected 'INDEX PATH' with INDEX {len(paths) + 1}, got {quote(line)}")
         # by the text of the path: `../..` may not leave the root, folders the user linked elsewhere may
         p = os.path.normpath(os.path.join(os.path.abspath(protocol_dir), parts[1]))
@@ -107,7 +112,7 @@ def _read_pairs(path, n_first, n_second, offset):
     rows = []
     for n, line in _read_lines(path):
         parts = line.split(",")
-        if len(parts) != 2 or not all(p.strip().isdigit() and len(p.strip()) <= 9 for p in parts):
+        if len(parts) != 2 or not all(is_number(p.strip()) for p in parts):
             raise DataError(f"{path}:{n}: expected 'i,j' with two positive integers, got {quote(line)}")
         i, j = int(parts[0]), int(parts[1])
         if not (1 <= i <= n_first and 1 <= j <= n_second):
@@ -252,6 +257,25 @@ def warp(im, matrix, size):
     return im.transform((size, size), Image.AFFINE, tuple(inverse[:2].ravel()), Image.BILINEAR)
 
 
+def to_rgb(im, path):
+    """Any mode -> RGB as an image viewer shows it: 16- and 32-bit greys scaled to 8 bits (convert() would
+    clip them to white), transparency composited on white; a fully transparent picture is refused."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray((a / top * 255).clip(0, 255).round().astype(np.uint8))
+    elif im.mode == "F":
+        raise DataError(f"cannot decode image {path}: floating-point pixels (mode F) have no standard brightness")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        alpha = im.getchannel("A")
+        if alpha.getextrema()[1] == 0:
+            raise DataError(f"cannot decode image {path}: it is fully transparent")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im)
+    return im.convert("RGB")
+
+
 def decode_image(path, size, resize="pad", matrix=None):
     """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
 
@@ -260,8 +284,11 @@ def decode_image(path, size, resize="pad", matrix=None):
         with Image.open(path) as im:
             if matrix is None:
                 im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
-            im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
-            im = im.convert("RGB")
+            try:
+                im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
+            except Exception as e:  # Pillow's EXIF parsing of a damaged file can raise almost anything
+                raise DataError(f"cannot read the EXIF data of image {path} ({type(e).__name__})") from None
+            im = to_rgb(im, path)
             im = to_square(im, size, resize) if matrix is None else warp(im, matrix, size)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
@@ -526,9 +553,45 @@ def check(root, workers):
     else:
         print(f"landmarks    {len(cfp.landmarks)} landmark files read ({cfp.landmarks.shape[1]} points each)")
         check_landmarks(cfp)
-    for i in range(0, len(cfp.paths), 256):   # decode everything, in chunks to bound memory
-        load_images(cfp.paths[i:i + 256], 8, workers)
+    problems = check_pairs(cfp) + check_decoding(cfp.paths, workers)
+    if len(problems) > 1:
+        print("\n".join(f"problem: {p}" for p in problems))
+        raise DataError(f"{root}: {len(problems)} problems (listed above), the first: {problems[0]}")
+    if problems:
+        raise DataError(problems[0])
     print(f"decoded      all {len(cfp.paths)} images: OK")
+
+
+def check_pairs(cfp):
+    """Folds without pairs, and same/diff lines that contradict the identities."""
+    problems = []
+    for k, kinds in cfp.folds.items():
+        for kind, p in kinds.items():
+            if not len(p):
+                problems.append(f"fold {k:02d} {kind} has no pairs: a split using it has nothing to validate or test")
+                continue
+            same_id = cfp.identity[p[:, 0]] == cfp.identity[p[:, 1]]
+            for label, wrong, what in ((1, ~same_id, "same.txt pairs two different identities"),
+                                       (0, same_id, "diff.txt pairs an identity with itself")):
+                n = int((wrong & (p[:, 2] == label)).sum())
+                if n:
+                    problems.append(f"fold {k:02d} {kind}: {n} lines of {what}")
+    return problems
+
+
+def check_decoding(paths, workers, chunk=256):
+    """Decode every image (in chunks, to bound memory); one problem per image that cannot be read."""
+    problems = []
+
+    def one(p):
+        try:
+            decode_image(p, 8)
+        except DataError as e:
+            return str(e)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for i in range(0, len(paths), chunk):
+            problems += [e for e in pool.map(one, paths[i:i + chunk]) if e]
+    return problems
 
 
 def check_landmarks(cfp, show=10):

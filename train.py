@@ -502,6 +502,9 @@ def prepare_data(run, resume):
         raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
                         f"files or image list differ); use the run's own --data-root, or another --out")
     run.folds = folds = split_folds(args.protocol, args.test_fold)
+    run.val_pairs, run.val_kinds = cfp.pairs(folds["val"])
+    run.test_pairs, run.test_kinds = cfp.pairs(folds["test"])
+    check_held_out(cfp, folds, run.val_pairs, run.test_pairs)
     run.aligner = build_aligner(args, cfp, folds["train"], resume)
     if LOSSES[args.loss].sampling == "images":
         run.train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
@@ -509,8 +512,6 @@ def prepare_data(run, resume):
         run.train_set = IdentityPairSet(cfp, folds["train"])
     else:
         run.train_set = PairSet(cfp.pairs(folds["train"])[0])
-    run.val_pairs, run.val_kinds = cfp.pairs(folds["val"])
-    run.test_pairs, run.test_kinds = cfp.pairs(folds["test"])
     needed = np.concatenate([cfp.images_of(folds["train"]), run.val_pairs[:, :2].ravel(),
                              run.test_pairs[:, :2].ravel()])
     t = time.time()
@@ -520,6 +521,24 @@ def prepare_data(run, resume):
         f"{', drawn from identities' if isinstance(run.train_set, IdentityPairSet) else ''}), {len(run.val_pairs)} "
         f"validation pairs {folds['val']}, {len(run.test_pairs)} test pairs {folds['test']}; "
         f"{len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in {time.time() - t:.1f}s")
+
+
+def check_held_out(cfp, folds, val_pairs, test_pairs):
+    """Training never sees a validation or test person or image, on any protocol; a layout that makes every
+    image its own identity (a flattened folder) is refused before anything is trained."""
+    train_images = cfp.images_of(folds["train"])
+    if len(np.unique(cfp.identity[train_images])) == len(train_images):
+        raise UserError(f"{cfp.root}: every training image is its own identity; is the layout "
+                        f"Data/Images/<identity>/{{frontal,profile}}/NN.jpg?")
+    held_out = np.unique(np.concatenate([val_pairs[:, :2].ravel(), test_pairs[:, :2].ravel()]))
+    shared_ids = np.intersect1d(cfp.identity[train_images], cfp.identity[held_out])
+    shared_images = np.intersect1d(train_images, held_out)
+    if len(shared_ids) or len(shared_images):
+        raise UserError(f"{cfp.root}: {len(shared_ids)} identities and {len(shared_images)} images of the validation "
+                        f"or test folds {folds['val'] + folds['test']} are also in the training folds; the folds "
+                        f"must be identity-disjoint (python data.py --check {cfp.root})")
+    if not len(val_pairs):
+        raise UserError(f"{cfp.root}: validation folds {folds['val']} hold no pairs")
 
 
 def build(run):

@@ -454,3 +454,68 @@ def test_non_finite_scores_are_refused(fold3_run, toy, tmp_path):
     bank = data.ImageBank(cfp, pairs[:, :2].ravel(), 32)
     with pytest.raises(UserError, match="pair scores are not finite"):
         evaluate.evaluate(model, bank, pairs)
+
+
+def test_images_are_decoded_as_a_viewer_shows_them_or_refused(tmp_path):
+    grey16 = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 .. 61380 of 65535
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    x = data.decode_image(str(tmp_path / "grey16.png"), 32, "squash")
+    assert 0 < x.float().mean() < 250 and x.max() > 200  # scaled to 8 bits, not clipped to a white square
+    rgba = Image.new("RGBA", (32, 32), (200, 0, 0, 0))
+    rgba.paste((0, 0, 255, 255), (8, 8, 24, 24))
+    rgba.save(tmp_path / "alpha.png")
+    x = data.decode_image(str(tmp_path / "alpha.png"), 32, "squash")
+    assert x[:, 0, 0].tolist() == [255, 255, 255] and x[:, 16, 16].tolist() == [0, 0, 255]  # on white
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    with pytest.raises(data.DataError, match="clear.png: it is fully transparent"):
+        data.decode_image(str(tmp_path / "clear.png"), 32)
+
+
+def test_check_reports_every_bad_image_empty_folds_and_contradicting_pairs(toy, tmp_path):
+    root = tmp_path / "toy"
+    shutil.copytree(toy, root)
+    for victim in ("013/profile/03.jpg", "002/frontal/01.jpg"):
+        (root / "Data/Images" / victim).write_bytes(b"\xff\xd8\xff broken")
+    (root / "Protocol/Split/FP/07/diff.txt").write_text("")
+    (root / "Protocol/Split/FP/07/same.txt").write_text("")
+    same = root / "Protocol/Split/FF/02/same.txt"
+    i, j = same.read_text().splitlines()[0].split(",")
+    diff = root / "Protocol/Split/FF/02/diff.txt"
+    diff.write_text(f"{i},{j}\n" + diff.read_text())  # a same pair listed as different
+    r = cli(data, "--check", root)
+    assert r.returncode == 2
+    assert "013/profile/03.jpg" in r.stdout and "002/frontal/01.jpg" in r.stdout  # both, not the first only
+    assert "fold 07 FP has no pairs" in r.stdout and "fold 02 FF: 1 lines of diff.txt pairs an identity" in r.stdout
+    assert "4 problems" in r.stderr
+
+
+def test_protocol_numbers_are_ascii_digits(toy, tmp_path):
+    root = tmp_path / "toy"
+    shutil.copytree(toy, root)
+    (root / "Protocol/Split/FF/01/same.txt").write_text("\u0661,2\n")  # ARABIC-INDIC DIGIT ONE
+    with pytest.raises(data.DataError, match="same.txt:1: expected 'i,j'"):
+        data.load_cfp(str(root))
+
+
+def test_flattened_layout_and_shared_identities_are_refused_before_training(toy, tmp_path):
+    flat = tmp_path / "flat"
+    shutil.copytree(toy, flat)
+    lines = []
+    for name in ("Pair_list_F.txt", "Pair_list_P.txt"):  # every image moved into a folder of its own
+        rows = []
+        for line in (flat / "Protocol" / name).read_text().splitlines():
+            n, rel = line.split()
+            new = f"../Data/Images/{name[10]}{n}/x/{os.path.basename(rel)}"
+            (flat / "Protocol" / new).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(flat / "Protocol" / rel, flat / "Protocol" / new)
+            rows.append(f"{n} {new}")
+        (flat / "Protocol" / name).write_text("\n".join(rows) + "\n")
+    with pytest.raises(UserError, match="every training image is its own identity"):
+        train.main(smoke_args(flat, tmp_path / "run1"))
+    shared = tmp_path / "shared"
+    shutil.copytree(toy, shared)
+    train_same = (shared / "Protocol/Split/FF/01/same.txt").read_text()
+    (shared / "Protocol/Split/FF/09/same.txt").write_text(train_same)  # test pairs of training people
+    with pytest.raises(UserError, match="also in the training folds"):
+        train.main(smoke_args(shared, tmp_path / "run2"))
+    assert not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()
