@@ -191,7 +191,9 @@ def test_check_reports_duplicate_and_self_pairs(toy, tmp_path):
     shutil.copytree(toy, root)
     diff = root / "Protocol/Split/FF/05/diff.txt"
     lines = diff.read_text().splitlines()
-    diff.write_text("\n".join(lines + [lines[0], "7,7"]) + "\n")
+    diff.write_text("\n".join(lines + [lines[0]]) + "\n")
+    same = root / "Protocol/Split/FF/05/same.txt"  # an image with itself: the same identity, so in same.txt
+    same.write_text(same.read_text() + "81,81\n")
     r = cli(data, "--check", root)
     assert r.returncode == 0, r.stderr
     assert "warning: fold 05 FF: 1 pairs of an image with itself" in r.stdout
