@@ -280,6 +280,8 @@ def decode_image(path, size, resize="pad", matrix=None):
     """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
 
     With matrix (3x3, from align.py), the face is warped by it instead of the whole image resized."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block open() forever
+        raise DataError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}")
     try:
         with Image.open(path) as im:
             if matrix is None:

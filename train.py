@@ -432,9 +432,13 @@ def fit(args, device, rank, world):
     resume = open_run(args, world)
     log = Logger() if is_main else (lambda *a: None)
     run = SimpleNamespace(args=args, device=device, rank=rank, world=world, log=log, dtype=setup(args, device, log))
-    prepare_data(run, resume)
-    build(run)
-    restore(run, resume)
+    try:
+        prepare_data(run, resume)
+        build(run)
+        restore(run, resume)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted while reading the data and building the network, before anything of the "
+                          f"run was written; {continue_advice(args, resume['epoch'] if resume else 0)}") from None
     try:
         if is_main:
             record_run(run, resume)
@@ -443,7 +447,13 @@ def fit(args, device, rank, world):
         raise Interrupted(f"interrupted in epoch {run.saved + 1}: {continue_advice(args, run.saved)}") from None
     except DiskFull as e:
         raise DiskFull(f"{e}; free some space, then {continue_advice(args, run.saved)}") from None
-    metrics = test_and_report(run)
+    try:
+        metrics = test_and_report(run)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted during the final test: every epoch is saved; "
+                          f"{continue_advice(args, run.saved)} (it only tests)") from None
+    except DiskFull as e:
+        raise DiskFull(f"{e}; free some space, then {continue_advice(args, run.saved)} (it only tests)") from None
     if world > 1:
         dist.destroy_process_group()
     return metrics

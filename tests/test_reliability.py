@@ -521,3 +521,27 @@ def test_flattened_layout_and_shared_identities_are_refused_before_training(toy,
     with pytest.raises(UserError, match="also in the training folds"):
         train.main(smoke_args(shared, tmp_path / "run2"))
     assert not (tmp_path / "run1").exists() and not (tmp_path / "run2").exists()
+
+
+def test_interrupts_while_decoding_and_during_the_final_test_say_what_happened(toy, tmp_path, monkeypatch):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(data, "load_images", interrupt)
+        with pytest.raises(train.Interrupted, match="while reading the data"):
+            train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1"))
+    assert not (tmp_path / "run").exists()
+    real = train.evaluate
+    with monkeypatch.context() as m:  # the test's evaluate() is the first call after the epochs
+        m.setattr(train, "evaluate", lambda *a, **k: interrupt() if not a[3] else real(*a, **k))
+        with pytest.raises(train.Interrupted, match="during the final test: every epoch is saved"):
+            train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1"))
+    m = train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1", "--resume"))  # only tests
+    assert m["epochs_run"] == 1 and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_an_image_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_path):
+    fifo = tmp_path / "face.jpg"
+    os.mkfifo(fifo)  # open() on it would wait for a writer forever
+    with pytest.raises(data.DataError, match="face.jpg is not a regular file"):
+        data.decode_image(str(fifo), 32)
