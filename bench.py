@@ -81,13 +81,9 @@ def eval_compare(model, cfp, folds, size, device, batch_size=64):
           f"{once / per_pair:.2f}")
 
 
-def main(args):
-    if min(args.batch_size, args.steps, args.img_size) < 1:
-        raise UserError("--batch-size, --steps and --img-size must be positive")
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+def load_bank(args, device):
+    """The seed split's training pairs and their images, decoded once (aligned with --align) -> (cfp, pairs,
+    bank, seconds)."""
     root = args.data_root
     if not root:
         import tempfile
@@ -104,126 +100,140 @@ def main(args):
         aligner = Aligner.fit(args.align, 1.25, cfp.landmarks[images], cfp.profile[images])
     bank = ImageBank(cfp, pairs.pairs[:, :2].numpy().ravel(), args.img_size,
                      device=device if device.type == "cuda" else "cpu", aligner=aligner)
-    decode_s = time.time() - t
+    return cfp, pairs, bank, time.time() - t
 
-    loss = "cosine" if args.arch == 2 else "ce"
-    model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss}).to(device)
-    objective = Objective(model, build_loss(loss)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-4)
-    dtype = amp_dtype(device) if args.amp else None
-    if args.amp and dtype is None:
-        print("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): timing fp32 only")
-    use_amp = dtype is not None
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    fmt = torch.channels_last if device.type == "cuda" or use_amp else torch.contiguous_format  # as train.py
-    model = model.to(memory_format=fmt)
 
-    def step(inputs, target, amp=use_amp):
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=amp):
-            loss = objective(inputs, target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+class Steps:
+    """One training step of each kind: on a fixed batch, through the real data path, and the seed's path."""
 
-    order = torch.randperm(len(pairs))
-    n = args.batch_size
+    def __init__(self, args, device, cfp, pairs, bank):
+        self.args, self.device, self.cfp, self.pairs, self.bank = args, device, cfp, pairs, bank
+        loss = "cosine" if args.arch == 2 else "ce"
+        self.model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss}).to(device)
+        self.objective = Objective(self.model, build_loss(loss)).train()
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, weight_decay=5e-4)
+        self.dtype = amp_dtype(device) if args.amp else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # as train.py: channels_last on CUDA and with CPU bf16
+        self.fmt = torch.channels_last if device.type == "cuda" or self.dtype else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.fmt)
+        self.order = torch.randperm(len(pairs))
+        self.seed_tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandomHorizontalFlip(),
+                                  T.RandomRotation(20), T.ToTensor()])
+        self.fixed = self.real_batch(0)
+        self.fixed32 = ([x.contiguous() for x in self.fixed[0]], self.fixed[1])
 
-    def real_batch(i):
+    def step(self, inputs, target, amp=True):
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=amp and bool(self.dtype)):
+            loss = self.objective(inputs, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def rows(self, i):
+        n = self.args.batch_size
+        return self.order[(i * n) % (len(self.order) - n):][:n]
+
+    def real_batch(self, i):
         """The training loop's data path: gather uint8 from the bank, augment and normalise on the device."""
-        inputs, target = pairs.batch(bank, order[(i * n) % (len(order) - n):][:n], swap=True)
-        inputs = [preprocess(x.to(device, non_blocking=True), train=True).contiguous(memory_format=fmt)
+        inputs, target = self.pairs.batch(self.bank, self.rows(i), swap=True)
+        inputs = [preprocess(x.to(self.device, non_blocking=True), train=True).contiguous(memory_format=self.fmt)
                   for x in inputs]
-        return inputs, target.to(device, non_blocking=True)
+        return inputs, target.to(self.device, non_blocking=True)
 
-    fixed = real_batch(0)
-    seed_tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandomHorizontalFlip(),
-                         T.RandomRotation(20), T.ToTensor()])
+    def seed_step(self, i):
+        """The seed's path: PIL-decode both images of every pair, torchvision transforms, two backbone calls."""
+        rows = self.pairs.pairs[self.rows(i)]
+        x1, x2 = (torch.stack([self.seed_tf(Image.open(self.cfp.paths[a]).convert("RGB")) for a in rows[:, c]])
+                  .to(self.device) for c in (0, 1))
+        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=bool(self.dtype)):
+            f1, f2 = self.model(x1), self.model(x2)
+            loss = self.objective.criterion(self.model.compare(f1, f2), rows[:, 2].to(self.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
 
-    def seed_batch(i):
-        """The seed's path: PIL-decode both images of every pair, torchvision transforms, per step."""
-        idx = order[(i * n) % (len(order) - n):][:n]
-        rows = pairs.pairs[idx]
-        x1 = torch.stack([seed_tf(Image.open(cfp.paths[a]).convert("RGB")) for a in rows[:, 0]])
-        x2 = torch.stack([seed_tf(Image.open(cfp.paths[b]).convert("RGB")) for b in rows[:, 1]])
-        return (x1.to(device), x2.to(device)), rows[:, 2].to(device)
 
-    def seed_step(inputs, target):  # two backbone calls per pair, as the seed's forward did
-        x1, x2 = inputs
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=use_amp):
-            f1, f2 = model(x1), model(x2)
-            loss = objective.criterion(model.compare(f1, f2), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
+def time_steps(s, args):
+    """Seconds and step counts of each path, measured in interleaved blocks so that machine noise hits all."""
     timings = {"model-only": [], "end-to-end": [], "seed baseline": [], "model-only fp32": []}
-    fixed32 = ([x.contiguous() for x in fixed[0]], fixed[1])
+
+    def timed(name, k, run):
+        sync(s.device)
+        t = time.perf_counter()
+        for i in range(k):
+            run(i)
+        sync(s.device)
+        timings[name].append((time.perf_counter() - t, k))
     for i in range(args.warmup):
-        step(*fixed)
-        step(*real_batch(i))
-    # Interleave the measurements in blocks so that machine noise hits both alike.
+        s.step(*s.fixed)
+        s.step(*s.real_batch(i))
     block = max(1, min(5, args.steps))
     for b in range(0, args.steps, block):
         k = min(block, args.steps - b)
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(k):
-            step(*fixed)
-        sync(device)
-        timings["model-only"].append((time.perf_counter() - t, k))
-        t = time.perf_counter()
-        for i in range(k):
-            step(*real_batch(b + i))
-        sync(device)
-        timings["end-to-end"].append((time.perf_counter() - t, k))
-        if use_amp:  # the same step without autocast, interleaved with the rest
-            if device.type != "cuda":  # train.py's fp32 CPU layout
-                model.to(memory_format=torch.contiguous_format)
-            sync(device)
-            t = time.perf_counter()
-            for _ in range(k):
-                step(*fixed32, amp=False)
-            sync(device)
-            timings["model-only fp32"].append((time.perf_counter() - t, k))
-            model.to(memory_format=fmt)
+        timed("model-only", k, lambda i: s.step(*s.fixed))
+        timed("end-to-end", k, lambda i: s.step(*s.real_batch(b + i)))
+        if s.dtype is not None:  # the same step without autocast, in train.py's fp32 layout
+            if s.device.type != "cuda":
+                s.model.to(memory_format=torch.contiguous_format)
+            timed("model-only fp32", k, lambda i: s.step(*s.fixed32, amp=False))
+            s.model.to(memory_format=s.fmt)
         if args.seed_baseline:
-            t = time.perf_counter()
-            for i in range(k):
-                seed_step(*seed_batch(b + i))
-            sync(device)
-            timings["seed baseline"].append((time.perf_counter() - t, k))
+            timed("seed baseline", k, lambda i: s.seed_step(b + i))
+    return timings
 
-    indices = np.unique(pairs.pairs[:, :2].numpy())[:args.eval_images]
-    extract(model, bank, indices, 64, device)  # warm-up
-    sync(device)
+
+def eval_rate(s, args):
+    """Images per second embedded for evaluation (no grad)."""
+    indices = np.unique(s.pairs.pairs[:, :2].numpy())[:args.eval_images]
+    extract(s.model, s.bank, indices, 64, s.device)  # warm-up
+    sync(s.device)
     t = time.perf_counter()
-    extract(model, bank, indices, 64, device)
-    sync(device)
-    eval_rate = len(indices) / (time.perf_counter() - t)
+    extract(s.model, s.bank, indices, 64, s.device)
+    sync(s.device)
+    return len(indices) / (time.perf_counter() - t)
 
-    if args.eval_folds:
-        eval_compare(model, cfp, args.eval_folds, args.img_size, device)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+def report(s, args, timings, rate, decode_s):
+    name = torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else \
+        f"CPU, {torch.get_num_threads()} threads"
+    n, precision = args.batch_size, str(s.dtype).replace("torch.", "") if s.dtype else "off"
     print(f"device {name}; torch {torch.__version__}; {args.backbone} arch {args.arch} at {args.img_size}px, "
-          f"{n} pairs/step, amp {str(dtype).replace('torch.', '') if use_amp else 'off'}; {len(bank.indices)} "
-          f"images decoded once ({'aligned: ' + args.align if aligner else 'whole'}) in {decode_s:.1f}s")
+          f"{n} pairs/step, amp {precision}; {len(s.bank.indices)} images decoded once "
+          f"({'aligned: ' + args.align if args.align != 'none' else 'whole'}) in {decode_s:.1f}s")
     print(f"{'path':<16}{'s/step':>10}{'pairs/s':>10}{'images/s':>10}")
     rates = {}
     for k, v in timings.items():
         if v:
-            per_step = sum(s for s, _ in v) / sum(c for _, c in v)
+            per_step = sum(t for t, _ in v) / sum(c for _, c in v)
             rates[k] = n / per_step
             print(f"{k:<16}{per_step:>10.3f}{rates[k]:>10.1f}{2 * rates[k]:>10.1f}")
-    print(f"{'evaluation':<16}{'':>10}{'':>10}{eval_rate:>10.1f}")
+    print(f"{'evaluation':<16}{'':>10}{'':>10}{rate:>10.1f}")
     if "model-only fp32" in rates:
-        print(f"model-only, {str(dtype).replace('torch.', '')} autocast / fp32: "
-              f"{rates['model-only'] / rates['model-only fp32']:.2f}x")
+        print(f"model-only, {precision} autocast / fp32: {rates['model-only'] / rates['model-only fp32']:.2f}x")
     if "seed baseline" in rates:
         print(f"end-to-end / seed baseline: {rates['end-to-end'] / rates['seed baseline']:.2f}x")
     print(f"ratio {rates['end-to-end'] / rates['model-only']:.2f}")
+
+
+def main(args):
+    if min(args.batch_size, args.steps, args.img_size) < 1:
+        raise UserError("--batch-size, --steps and --img-size must be positive")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    cfp, pairs, bank, decode_s = load_bank(args, device)
+    steps = Steps(args, device, cfp, pairs, bank)
+    if args.amp and steps.dtype is None:
+        print("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): timing fp32 only")
+    timings = time_steps(steps, args)
+    rate = eval_rate(steps, args)
+    if args.eval_folds:
+        eval_compare(steps.model, cfp, args.eval_folds, args.img_size, device)
+    report(steps, args, timings, rate, decode_s)
 
 
 if __name__ == "__main__":
