@@ -545,3 +545,39 @@ def test_an_image_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_
     os.mkfifo(fifo)  # open() on it would wait for a writer forever
     with pytest.raises(data.DataError, match="face.jpg is not a regular file"):
         data.decode_image(str(fifo), 32)
+
+
+def test_a_damaged_exif_is_that_images_error(fold3_run, toy, tmp_path, monkeypatch):
+    bad = os.path.join(toy, "Data/Images/003/frontal/01.jpg")
+    real = data.ImageOps.exif_transpose
+
+    def exif(im):
+        if getattr(im, "filename", "") == bad:
+            raise struct.error("unpack requires a buffer of 4 bytes")  # as Pillow raises on a truncated tag
+        return real(im)
+    monkeypatch.setattr(data.ImageOps, "exif_transpose", exif)
+    with pytest.raises(data.DataError, match="cannot read the EXIF data of image .*003/frontal/01.jpg"):
+        data.decode_image(bad, 32)
+    good = os.path.join(toy, "Data/Images/004/frontal/01.jpg")
+    (tmp_path / "list.txt").write_text(f"{bad} {good}\n{good} {good}\n")
+    r = cli(evaluate, fold3_run, "--pairs", tmp_path / "list.txt")
+    assert r.returncode == 1 and len(r.stdout.strip().splitlines()) == 2  # the other line is still scored
+    assert "list.txt:1: cannot read the EXIF data" in r.stderr
+
+
+def test_a_full_disk_while_logging_gets_the_advice_a_full_save_gets(toy, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train.main(smoke_args(toy, out, "--epochs", "1"))
+    real = train.open_nofollow
+    written = []
+
+    def nospace(path, mode="ab"):
+        if str(path).endswith("log.txt"):
+            written.append(path)
+            if len(written) > 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, mode)
+    monkeypatch.setattr(train, "open_nofollow", nospace)
+    with pytest.raises(utils.DiskFull, match=r"while writing .*log.txt; free some space, then epoch 1 is saved; "
+                                             r"continue with: python train.py .*--resume"):
+        train.main(smoke_args(toy, out, "--epochs", "3", "--resume"))
