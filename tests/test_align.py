@@ -164,7 +164,8 @@ def test_cache_key_includes_the_alignment(toy_lm, tmp_path):
 
 
 def test_aligned_training_records_its_alignment_and_pictures_its_inputs(toy_lm, toy, tmp_path):
-    m = train.main(smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--amp"))  # bf16 where the CPU has it
+    # --amp: bf16 where the CPU has it, so that --pair is checked against a bf16 run's test scores
+    m = train.main(smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--amp"))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["args"]["align"] == "template" and config["aligner"]["templates_from_folds"] == [1, 2, 3, 4, 5, 6]
     assert Image.open(tmp_path / "run" / "inputs.png").size[0] > 300

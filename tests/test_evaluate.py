@@ -153,7 +153,7 @@ def test_summary_marks_datasets_and_survives_a_broken_run(fold3_run, tmp_path):
     assert rows["toy_run"][1] == "toy" and rows["cfp_run"][1] == "CFP" and rows["run"][1] == "data"
     assert rows["broken"][1].startswith("unreadable: JSONDecodeError")
     assert rows["toy_run"][2] == "10fold 3" and rows["toy_run"][6] == "32" and rows["toy_run"][7] == "pad"
-    assert rows["toy_run"][11].isdigit()  # steps
+    assert rows["toy_run"][13].isdigit()  # steps
     assert (tmp_path / "table.md").read_text() == r.stdout
     assert sorted(os.listdir(runs)) == ["broken", "cfp_run", "toy_run"]
 
@@ -222,3 +222,11 @@ def test_verify_unreadable_file_is_one_line(fold3_run, tmp_path):
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "notes.jpg" in r.stderr
     r = run_evaluate(out, "--pair", tmp_path / "missing.png", bad)
     assert r.returncode == 2 and "missing.png" in r.stderr
+
+
+def test_results_page_is_generated_from_the_run_files():
+    """results/README.md is exactly what --summarize makes of the committed runs: no figure typed by hand."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
+    text, _ = evaluate.results_page(root)
+    with open(os.path.join(root, "README.md")) as f:
+        assert f.read() == text, "stale: python evaluate.py --summarize results --out results/README.md"
