@@ -41,8 +41,8 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "align", "align_margin", "augment", "jitter",
-                         "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay", "decay_norm_bias",
-                         "schedule", "warmup_epochs", "batch_size", "seed", "amp")
+                         "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
+                         "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
 EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0, "align": "none", "align_margin": 1.25,
                     "maxpool": True}
