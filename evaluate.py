@@ -5,6 +5,7 @@
     python evaluate.py RUN_DIR --pair A.jpg B.jpg   same person or not?
     python evaluate.py RUN_DIR --pairs LIST.txt     one "A B" path pair per line -> CSV
     python evaluate.py --summarize runs/            Markdown table of every run (10-fold runs grouped)
+    python evaluate.py --summarize results --out results/README.md    the results page, regenerated
 """
 import argparse
 import contextlib
@@ -273,8 +274,9 @@ def _fmt(x, digits=3):
     return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
-SUMMARY_COLUMNS = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "view", "lr", "optimizer", "epochs",
-                   "steps", "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC", "FP AUC", "best epoch"]
+SUMMARY_COLUMNS = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "view", "s", "dropout", "lr",
+                   "optimizer", "epochs", "steps", "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC",
+                   "FP AUC", "best epoch"]
 
 
 def find_runs(root):
@@ -301,7 +303,9 @@ def run_row(run, root):
     row = [name, config.get("dataset") or dataset_label(a["data_root"]),
            a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else ""),
            f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"], str(a["img_size"]),
-           view_of(a), f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
+           view_of(a), _fmt((config.get("built") or {}).get("scale") or a.get("scale"), 0),
+           _fmt(a.get("dropout") or 0.0, 1) if a["loss"] in ("arcface", "cosface") else "",
+           f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
     pretrained = "yes" if a["pretrained"] else "no"
     if not os.path.isfile(os.path.join(run, "metrics.json")):
         done = 0
@@ -441,9 +445,26 @@ def main(args):
     return evaluate_folds(args, model, ckpt, device)
 
 
+def results_page(root):
+    """A Markdown page of a results folder: ROOT/about.md, then for each subfolder with runs its about.md and
+    the table of its runs (summarize). Every figure comes from the runs' files -> (text, raw 10-fold values)."""
+    def about(folder):
+        path = os.path.join(folder, "about.md")
+        return open(path).read().strip() + "\n\n" if os.path.isfile(path) else ""
+    text, raw = about(root), []
+    for sub in sorted(d.name for d in os.scandir(root) if d.is_dir(follow_symlinks=False)):
+        if not find_runs(os.path.join(root, sub)):
+            continue
+        table, values = summarize(os.path.join(root, sub))
+        text += f"## {sub}\n\n{about(os.path.join(root, sub))}{table}\n"
+        raw += values
+    return text.rstrip() + "\n", raw
+
+
 def summarize_runs(args):
-    """--summarize: the table of every run under a folder."""
-    table, raw = summarize(args.summarize)
+    """--summarize: the table of every run under a folder (a page of sections when the folder has about.md)."""
+    page = os.path.isfile(os.path.join(args.summarize, "about.md"))
+    table, raw = results_page(args.summarize) if page else summarize(args.summarize)
     print(table, end="")
     if args.out:
         atomic_write(args.out, table)
