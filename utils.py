@@ -76,22 +76,22 @@ def _atomic(path, write):
             os.remove(tmp)
 
 
-def _in_chain(e, kind):
+def _chain(e):
+    """An exception and every exception it was raised from or while handling."""
     while e is not None:
-        if isinstance(e, kind):
-            return True
+        yield e
         e = e.__cause__ or e.__context__
-    return False
+
+
+def _in_chain(e, kind):
+    return any(isinstance(x, kind) for x in _chain(e))
 
 
 def disk_full(e):
     """ENOSPC anywhere in the exception chain: torch's zip writer turns a full disk into a RuntimeError
     ("unexpected pos ...") raised while handling the OSError."""
-    while e is not None:
-        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False
+    return any(getattr(x, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(x)
+               for x in _chain(e))
 
 
 def atomic_save(obj, path):
