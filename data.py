@@ -388,6 +388,15 @@ class ImageBank:
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
 
+    @classmethod
+    def of(cls, num_images, indices, images):
+        """A bank of images decoded elsewhere: images[k] is dataset image indices[k] (indices unique)."""
+        bank = cls.__new__(cls)
+        bank.indices, bank.images = np.asarray(indices), images
+        bank.row = np.full(num_images, -1, dtype=np.int64)
+        bank.row[bank.indices] = np.arange(len(bank.indices))
+        return bank
+
     def __getitem__(self, dataset_indices):
         rows = self.row[np.asarray(dataset_indices)]
         if (rows < 0).any():  # row -1 would silently read the last image

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from align import Aligner
-from data import KINDS, ImageBank, decode_image, landmarks_of_photo, load_cfp, preprocess, quote, split_folds
+from data import KINDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, preprocess, quote, split_folds
+from landmarks import FaceFinder, align_photos, open_picture
 from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
 from plots import plot_pair
@@ -160,32 +161,56 @@ def aligner_of(ckpt):
     return Aligner(**ckpt["aligner"]) if ckpt.get("aligner") else None
 
 
-def decode_photo(path, ckpt):
-    """One image file as the run's network saw its test images: aligned by its landmarks, or resized whole."""
-    a, aligner = ckpt["args"], aligner_of(ckpt)
-    if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
-        what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
-        raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
-    matrix = None
-    if aligner is not None:
-        points, profile = landmarks_of_photo(path)
-        matrix = aligner.matrix(points, profile, a["img_size"])
-    return decode_image(path, a["img_size"], a.get("resize", "squash"), matrix)
+class Photos:
+    """How --pair and --pairs read a photo: as the run's network saw its test faces, aligned by the photo's
+    landmarks (its CFP landmark file, else, or with predicted=True always, the landmark network's) or
+    resized whole. photos(path) -> (3, S, S) uint8; photos.used[path]: 'given' or 'predicted'."""
+
+    def __init__(self, ckpt, finder=None, predicted=False):
+        self.args, self.aligner, self.finder, self.predicted = ckpt["args"], aligner_of(ckpt), finder, predicted
+        self.used = {}
+
+    def landmarks(self, path):
+        if not self.predicted:
+            try:
+                points, profile = landmarks_of_photo(path)
+                self.used[path] = "given"
+                return points, profile
+            except DataError:
+                if self.finder is None:
+                    raise DataError(f"{path} has no landmark file (Data/Fiducials/.../NN.txt beside a CFP-layout "
+                                    f"Data/Images/...) and no --landmark-net was given to find them") from None
+        found = self.finder.find([open_picture(path)])[0]
+        if found is None:
+            raise DataError(f"no face found in {path}")
+        self.used[path] = "predicted"
+        return found[0], found[1]
+
+    def __call__(self, path):
+        if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
+            what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
+            raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
+        matrix = None
+        if self.aligner is not None:
+            points, profile = self.landmarks(path)
+            matrix = self.aligner.matrix(points, profile, self.args["img_size"])
+        return decode_image(path, self.args["img_size"], self.args.get("resize", "squash"), matrix)
 
 
-def verify(model, ckpt, paths, device, cache=None):
+def verify(model, ckpt, paths, device, cache=None, photos=None):
     """Scores for (a, b) image path pairs, each distinct image embedded once, in the run's own precision.
 
     -> (scores, images, errors): NaN scores for pairs with an image that cannot be read, the decoded
     images by path, and {path: reason} for those that could not be. cache (a FeatureCache) keeps features
     from earlier calls, so a long pair list embeds each image once."""
     cache = FeatureCache() if cache is None else cache
+    photos = Photos(ckpt) if photos is None else photos
     images, errors = {}, {}
     for p in dict.fromkeys(p for pair in paths for p in pair):
         if p in cache:
             continue
         try:
-            images[p] = decode_photo(p, ckpt)
+            images[p] = photos(p)
         except UserError as e:
             errors[p] = str(e)
             cache.put(p, str(e))
@@ -410,6 +435,16 @@ def get_args_parser():
     p.add_argument("--kind", type=str, default="all", choices=["all", "FF", "FP"],
                    help="with --pair/--pairs: the validation threshold to use: all pairs, frontal-frontal or "
                         "frontal-profile (default: all)")
+    p.add_argument("--landmark-net", type=str, default="", metavar="RUN",
+                   help="a landmark network (landmarks.py's run folder or best.pt) that finds the face and its "
+                        "landmarks in photos without a landmark file, for a run that aligns faces (default: none)")
+    p.add_argument("--align", type=str, default="given", choices=["given", "predicted"],
+                   help="where an aligned run's landmarks come from: given = each photo's CFP landmark file "
+                        "(the landmark network where there is none); predicted = the landmark network for every "
+                        "photo, CFP's included (default: given)")
+    p.add_argument("--paste", type=float, default=None, metavar="FRACTION",
+                   help="with --align predicted, fold evaluation: each photo first pasted at a random place into "
+                        "a picture 1/FRACTION its width, on a background cut from other photos (default: off)")
     p.add_argument("--summarize", type=str, nargs="?", const="runs", default=None, metavar="DIR",
                    help="print a table of every run under DIR (default DIR: runs)")
     p.add_argument("--out", type=str, default="", help="with --summarize: also write the table to this file")
@@ -436,13 +471,29 @@ def main(args):
     if (args.pair or args.pairs) and args.tta != "none":
         raise UserError("--tta applies to fold evaluation (its thresholds come from the validation folds); "
                         "--pair and --pairs use the run's own thresholds")
+    check_landmark_flags(args)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(args.run, device)
+    net = args.landmark_net or ckpt["args"].get("landmark_net", "")  # default: the one the run was trained with
+    finder = FaceFinder.load(net, device) if net else None
+    if finder is not None and aligner_of(ckpt) is None:
+        raise UserError(f"--landmark-net: {args.run} resizes whole images (--align none); it uses no landmarks")
+    photos = Photos(ckpt, finder, args.align == "predicted")
     if args.pair:
-        return verify_one_pair(args, model, ckpt, device)
+        return verify_one_pair(args, model, ckpt, device, photos)
     if args.pairs:
-        return verify_pair_list(args, model, ckpt, device)
-    return evaluate_folds(args, model, ckpt, device)
+        return verify_pair_list(args, model, ckpt, device, photos)
+    return evaluate_folds(args, model, ckpt, device, finder)
+
+
+def check_landmark_flags(args):
+    if args.align == "predicted" and not args.landmark_net:
+        raise UserError("--align predicted needs --landmark-net RUN (a network trained by landmarks.py)")
+    if args.paste is not None:
+        if args.align != "predicted" or args.pair or args.pairs:
+            raise UserError("--paste applies to fold evaluation with --align predicted")
+        if not 0 < args.paste <= 1:
+            raise UserError(f"--paste must be in (0, 1], got {args.paste}")
 
 
 def results_page(root):
@@ -455,10 +506,57 @@ def results_page(root):
     for sub in sorted(d.name for d in os.scandir(root) if d.is_dir(follow_symlinks=False)):
         if not find_runs(os.path.join(root, sub)):
             continue
+        if is_landmark_folder(os.path.join(root, sub)):
+            text += f"## {sub}\n\n{about(os.path.join(root, sub))}{landmark_tables(os.path.join(root, sub))}\n"
+            continue
         table, values = summarize(os.path.join(root, sub))
         text += f"## {sub}\n\n{about(os.path.join(root, sub))}{table}\n"
         raw += values
     return text.rstrip() + "\n", raw
+
+
+def is_landmark_folder(folder):
+    def task(run):
+        try:
+            c = read_json(os.path.join(run, "config.json"))
+            made_by = str(c.get("command", ""))
+            return c.get("task") or ("landmarks" if made_by.startswith("python landmarks.py") else None)
+        except (OSError, ValueError, AttributeError):
+            return None
+    return all(task(run) == "landmarks" for run in find_runs(folder))
+
+
+def landmark_tables(folder):
+    """The landmark networks of a folder (landmarks.py runs), and the verification runs evaluated with their
+    landmarks (the evaluate.py --json files beside them, verify_*.json)."""
+    lines = ["| network | protocol | px | epochs | minutes | test NME frontal | NME profile | pose acc | "
+             "found, pasted at 1/2 | at 1/4 | ms a photo |", "|" + "---|" * 11]
+    checks = []
+    for run in find_runs(folder):
+        try:
+            c, m = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "metrics.json"))
+            a, t = c["args"], m["test"]
+            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a['img_size']} | {a['epochs']} | "
+                         f"{m['train_minutes']:.1f} | {t['nme_frontal']:.4f} | {t['nme_profile']:.4f} | "
+                         f"{t['pose_acc']:.4f} | {m['pasted_0.5']['found']:.4f} | {m['pasted_0.25']['found']:.4f} | "
+                         f"{t['ms_per_photo']:.1f} |")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            lines.append(f"| {os.path.relpath(run, folder)} | unreadable: {type(e).__name__}: {str(e)[:80]} |")
+        checks += sorted(glob.glob(os.path.join(glob.escape(run), "verify_*.json")))
+    if checks:
+        lines += ["", "| verification run, evaluated with | landmarks | found | test acc | FF acc | FP acc |",
+                  "|" + "---|" * 6]
+    for path in checks:
+        try:
+            e = read_json(path)
+            lm, t = e["landmarks"], e["test"]
+            how = lm["source"] + (f", pasted at 1/{1 / lm['paste']:g}" if lm.get("paste") else "")
+            found = _fmt(lm.get("found_at_its_place"), 4)
+            lines.append(f"| {os.path.basename(e['checkpoint'].rstrip('/'))} ({os.path.basename(path)}) | {how} | "
+                         f"{found} | {t['all']['acc']:.4f} | {t['FF']['acc']:.4f} | {t['FP']['acc']:.4f} |")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            lines.append(f"| {os.path.basename(path)} | unreadable: {type(e).__name__} |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize_runs(args):
@@ -472,27 +570,30 @@ def summarize_runs(args):
         write_json(args.json, raw)
 
 
-def verify_one_pair(args, model, ckpt, device):
+def verify_one_pair(args, model, ckpt, device, photos):
     """--pair A B: one verdict at the run's validation threshold for --kind."""
     threshold = run_thresholds(ckpt)[args.kind]
-    scores, images, errors = verify(model, ckpt, [tuple(args.pair)], device)
+    scores, images, errors = verify(model, ckpt, [tuple(args.pair)], device, photos=photos)
     if errors:
         raise UserError(next(iter(errors.values())))
     verdict = "same person" if scores[0] >= threshold else "different people"
     print(f"{verdict}: score {scores[0]:.6f} {'>=' if scores[0] >= threshold else '<'} "
           f"threshold {threshold:.6f} ({args.kind} pairs)")
+    if "predicted" in photos.used.values():
+        print("landmarks: " + ", ".join(f"{p} {photos.used[p]}" for p in dict.fromkeys(args.pair))
+              + f" (landmark network {photos.finder.source['network']}, sha1 {photos.finder.source['sha1'][:12]})")
     if args.show:
         plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
 
 
-def verify_pair_list(args, model, ckpt, device):
+def verify_pair_list(args, model, ckpt, device, photos):
     """--pairs FILE: a CSV row per line on stdout, streamed chunk by chunk; unreadable lines on stderr, exit 1."""
     threshold = run_thresholds(ckpt)[args.kind]
     w = csv.writer(sys.stdout)
     w.writerow(["line", "a", "b", "score", "threshold", "same"])
     cache, scored, failed = FeatureCache(), 0, 0
     for paths, numbers, bad in read_pair_list(args.pairs):
-        scores, _, errors = verify(model, ckpt, paths, device, cache)
+        scores, _, errors = verify(model, ckpt, paths, device, cache, photos)
         for n, (x, y), score in zip(numbers, paths, scores):
             if np.isnan(score):
                 bad.append((n, "; ".join(errors[p] for p in (x, y) if p in errors)))
@@ -508,7 +609,7 @@ def verify_pair_list(args, model, ckpt, device):
         sys.exit(1)
 
 
-def evaluate_folds(args, model, ckpt, device):
+def evaluate_folds(args, model, ckpt, device, finder=None):
     """Fold evaluation: each asked fold's FF and FP pairs in its role for this run, at thresholds chosen on the
     run's own validation folds (under the same TTA)."""
     a = ckpt["args"]
@@ -524,12 +625,12 @@ def evaluate_folds(args, model, ckpt, device):
     sets = {role: [k for k in folds if k in asked] for role, folds in roles.items()}
     needed = np.concatenate([cfp.pairs(f)[0][:, :2].ravel() for f in list(sets.values()) + [roles["val"]] if f])
     t = time.time()
-    bank = ImageBank(cfp, needed, a["img_size"], args.workers, device=device if device.type == "cuda" else "cpu",
-                     resize=a.get("resize", "squash"), aligner=aligner_of(ckpt))
+    bank, landmarks = fold_bank(args, cfp, np.unique(needed), ckpt, device, finder)
     decode_s = time.time() - t
     autocast = amp_autocast(device, a.get("amp", False))
     tta = args.tta == "flip"
-    out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s}
+    out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s,
+           "landmarks": landmarks}
     val_pairs, val_kinds = cfp.pairs(roles["val"])
     val = evaluate(model, bank, val_pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
     thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(val["scores"], val["labels"], val_kinds).items()}
@@ -546,9 +647,28 @@ def evaluate_folds(args, model, ckpt, device):
                      "num_embedded": res["num_embedded"], "embed_seconds": res["seconds"]}
         print(describe(f"{ROLE_NAMES[role]}, folds {sets[role]}", out[role]))
     out["thresholds"] = thresholds
+    if landmarks["source"] == "predicted":
+        where = landmarks["found_at_its_place"]
+        print(f"landmarks predicted: face found in {landmarks['found']:.4f} of the photos" +
+              (f", where the given landmarks put it in {where:.4f}" if where is not None else "") +
+              (f" (each photo pasted into a picture {1 / args.paste:g} times its width)" if args.paste else ""))
     print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)" + (", flip TTA" if tta else ""))
     if args.json:
         write_json(args.json, out)
+
+
+def fold_bank(args, cfp, needed, ckpt, device, finder):
+    """The images a fold evaluation embeds: aligned by their landmark files or, with --align predicted, by
+    the landmark network's landmarks (optionally found in larger pictures: --paste). -> (bank, where the
+    landmarks came from)"""
+    a, where = ckpt["args"], device if device.type == "cuda" else "cpu"
+    if args.align != "predicted" and not (cfp.landmarks is None and finder is not None and aligner_of(ckpt)):
+        return ImageBank(cfp, needed, a["img_size"], args.workers, device=where, resize=a.get("resize", "squash"),
+                         aligner=aligner_of(ckpt)), {"source": "given" if aligner_of(ckpt) else "none"}
+    if cfp.landmarks is None and args.paste is not None:
+        raise UserError(f"--paste: {cfp.root} has no landmark files to tell where the pasted faces are")
+    images, landmarks = align_photos(cfp, needed, finder, aligner_of(ckpt), a["img_size"], args.paste)
+    return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
 
 
 if __name__ == "__main__":

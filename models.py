@@ -146,3 +146,25 @@ def build_model(args):
                        freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False),
                        embed_dropout=a.get("dropout", 0.0))
     return model
+
+
+POSES = ("none", "frontal", "left", "right")  # the landmark network's classes: no face, or the face's pose
+
+
+class LandmarkNet(nn.Module):
+    """Where a face is and how it is turned, from one square view of a photo.
+
+    forward(x) -> (logits (N, 4) over POSES, points (N, 30, 2)): CFP's 30 landmarks in units of the view's
+    side, (0, 0) its top left corner. A ResNet18 from random init whose last feature map is flattened, not
+    averaged, so that the head knows where on the view each feature lies."""
+
+    def __init__(self, img_size=64, num_points=30):
+        super().__init__()
+        self.img_size, self.num_points = img_size, num_points
+        self.backbone, dim = build_backbone("resnet18", pretrained=False, pool="flatten", img_size=img_size)
+        self.head = nn.Linear(dim, len(POSES) + 2 * num_points)
+
+    def forward(self, x):
+        out = self.head(self.backbone(x))                                        # (N, 4 + 2P)
+        logits, points = out.split([len(POSES), 2 * self.num_points], dim=1)
+        return logits, 0.5 + points.view(-1, self.num_points, 2)                 # points around the centre

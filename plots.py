@@ -5,8 +5,10 @@
     roc.png      test ROC of FF and FP, FAR on a log axis
     errors.png   the test pairs the model got most confidently wrong, FF and FP: false accepts and rejects
     inputs.png   what the network sees: a training batch after augmentation, validation frontal and profile faces
+    landmarks.png, curves.png of a landmark network (landmarks.py): given and predicted landmarks on test faces
 """
 import io
+import math
 
 import numpy as np
 
@@ -159,4 +161,41 @@ def plot_inputs(rows, path, per_row=16, title=""):
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.02, hspace=0.3)
+    _save(fig, path)
+
+
+def plot_landmark_curves(history, path):
+    """The landmark network's training loss and validation NME / pose accuracy per epoch."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax1.plot(epochs, [h["train_loss"] for h in history], "o-")
+    ax1.set(xlabel="epoch", ylabel="training loss", title="loss (pose CE + 10 x landmark L1)")
+    ax2.plot(epochs, [h["val_nme"] for h in history], "o-", label="validation NME")
+    ax2.set(xlabel="epoch", ylabel="NME (face box)")
+    twin = ax2.twinx()
+    twin.plot(epochs, [h["val_pose_acc"] for h in history], "s:", color="C1", label="pose accuracy")
+    twin.set_ylabel("pose accuracy")
+    for ax in (ax1, ax2):
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_landmarks(pictures, given, predicted, titles, path, per_row=8):
+    """Test faces with their given landmarks (green) and the network's (red)."""
+    plt = _pyplot()
+    rows = max(1, math.ceil(len(pictures) / per_row))
+    fig, axes = plt.subplots(rows, per_row, figsize=(per_row * 1.6, rows * 1.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, im, g, p, t in zip(axes.ravel(), pictures, given, predicted, titles):
+        ax.imshow(im)
+        ax.scatter(g[:, 0], g[:, 1], s=3, c="lime")
+        if p is not None:
+            ax.scatter(p[:, 0], p[:, 1], s=3, c="red")
+        ax.set_title(t, fontsize=7)
+    fig.suptitle("test faces: given landmarks green, predicted red", fontsize=9)
+    fig.tight_layout()
     _save(fig, path)

@@ -26,6 +26,7 @@ from align import ALIGN_MODES, Aligner
 from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, preprocess,
                   split_folds)
 from evaluate import dataset_label, evaluate, write_scores
+from landmarks import FaceFinder, open_picture
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
@@ -40,12 +41,13 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 # A checkpoint is only usable with the flags that shaped its network and loss ...
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "align", "align_margin", "augment", "jitter",
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "align", "align_margin", "landmark_net",
+                         "augment", "jitter",
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
 EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0, "align": "none", "align_margin": 1.25,
-                    "maxpool": True}
+                    "maxpool": True, "landmark_net": ""}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -101,6 +103,9 @@ def get_args_parser():
                         "training faces' mean shape, one for frontal faces and one for profiles, profiles mirrored "
                         "to face right; box = a square around the landmarks; none = the whole image by --resize "
                         "(default: template when the dataset has Data/Fiducials, else none)")
+    g.add_argument("--landmark-net", type=str, default="", metavar="RUN",
+                   help="for a dataset without Data/Fiducials: a landmark network (landmarks.py) that places every "
+                        "image's landmarks once, before training, so that faces can be aligned (default: none)")
     g.add_argument("--align-margin", type=float, default=1.25,
                    help="with --align: the square's side as a multiple of the face box's larger side (default: 1.25)")
     g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
@@ -515,6 +520,7 @@ def prepare_data(run, resume):
     run.val_pairs, run.val_kinds = cfp.pairs(folds["val"])
     run.test_pairs, run.test_kinds = cfp.pairs(folds["test"])
     check_held_out(cfp, folds, run.val_pairs, run.test_pairs)
+    run.landmarks = place_landmarks(args, cfp, log)
     run.aligner = build_aligner(args, cfp, folds["train"], resume)
     if LOSSES[args.loss].sampling == "images":
         run.train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
@@ -629,7 +635,7 @@ def record_run(run, resume):
                           "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
                           "dataset": dataset_label(args.data_root), "dataset_fingerprint": run.cfp.fingerprint,
                           "selected_by": SELECTED_BY, "built": built,
-                          "aligner": aligner})
+                          "aligner": aligner, "landmarks": run.landmarks})
     else:
         try:
             with open(path) as f:
@@ -733,16 +739,31 @@ def build_aligner(args, cfp, train_folds, resume=None):
     """--align resolved against the dataset, and the Aligner it asks for (None for --align none). Template
     alignment takes its templates from the training folds' faces (or, resuming, from the checkpoint)."""
     if args.align is None:
-        args.align = "template" if cfp.landmarks is not None else "none"
+        args.align = "template" if cfp.landmarks is not None or args.landmark_net else "none"
     if args.align == "none":
         return None
     if cfp.landmarks is None:
         raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files; "
-                        f"use --align none")
+                        f"use --align none, or --landmark-net RUN to predict them")
     if resume and resume.get("aligner"):
         return Aligner(**resume["aligner"])
     images = cfp.images_of(train_folds)
     return Aligner.fit(args.align, args.align_margin, cfp.landmarks[images], cfp.profile[images])
+
+
+def place_landmarks(args, cfp, log):
+    """Where the faces' landmarks come from: the dataset's files, or (for a dataset without them, with
+    --landmark-net) the landmark network, run once over every image. -> the record config.json keeps."""
+    if cfp.landmarks is not None or not args.landmark_net or args.align == "none":
+        return {"source": "given" if cfp.landmarks is not None else "none"}
+    finder = FaceFinder.load(args.landmark_net)
+    t = time.time()
+    found = finder.find_all([open_picture(p) for p in cfp.paths])
+    cfp.landmarks = np.stack([f[0] for f in found])
+    missed = [p for p, f in zip(cfp.paths, found) if not f[3]]
+    log(f"landmarks: predicted for {len(found)} images by {args.landmark_net} in {time.time() - t:.0f}s; "
+        f"no face found in {len(missed)} (their best guess kept){': ' + ', '.join(missed[:3]) if missed else ''}")
+    return {"source": "predicted", **finder.source, "no_face_found": len(missed)}
 
 
 def view_name(args):

@@ -108,7 +108,8 @@ def write_json(path, obj):
 
 CHECKPOINT_KEYS = {"best": ("model", "criterion", "args", "epoch", "threshold"),
                    "last": ("model", "criterion", "args", "epoch", "optimizer", "scheduler", "scaler", "best",
-                            "history")}
+                            "history"),
+                   "landmarks": ("model", "args", "epoch", "poses")}
 
 
 def load_checkpoint(path, kind="best"):
@@ -143,7 +144,8 @@ def load_checkpoint(path, kind="best"):
     missing = [k for k in CHECKPOINT_KEYS[kind] if k not in ckpt]
     if missing:
         hint = " (is it a best.pt copied over it?)" if kind == "last" and "model" in ckpt else ""
-        raise UserError(f"{path} is not a {kind}.pt written by train.py: it lacks {', '.join(missing)}{hint}")
+        what = "a landmark network written by landmarks.py" if kind == "landmarks" else f"a {kind}.pt written by train.py"
+        raise UserError(f"{path} is not {what}: it lacks {', '.join(missing)}{hint}")
     return ckpt
 
 

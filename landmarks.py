@@ -1,0 +1,506 @@
+"""Landmarks for photos that come without them: find the face, place CFP's 30 landmarks, tell its pose.
+
+A run trained on CFP aligns every face by its landmarks (align.py). A user's photo has no landmark file, and
+its face may be a small part of a larger picture. The landmark network (models.LandmarkNet) is learned from
+CFP itself: from the training identities' photos, each pasted at a random place, scale and angle on a
+background cut from other photos (or a background alone: "no face"), it learns the face's pose (frontal,
+profile facing left or right) and its 30 landmarks. At test time it looks three times, as MTCNN's
+cascade does: once at the whole picture, then twice at a square around the landmarks it found.
+
+    python landmarks.py --data-root cfp-dataset --out runs/landmarks     # train on the seed split's folds 1-6
+    python evaluate.py RUN --landmark-net runs/landmarks --align predicted   # the cost of predicted landmarks
+    python evaluate.py RUN --landmark-net runs/landmarks --pair A.jpg B.jpg  # any two photos
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+import align
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, split_folds, to_rgb,
+                  warp)
+from models import POSES, LandmarkNet
+from utils import UserError, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli, write_json
+
+CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
+PATCH = 32          # background patches, cut from the corners of photos, outside their faces
+FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
+REFINE_MARGIN = 1.6        # the square the second and third looks take around the face box
+FOUND = 0.5                # a face is found where P(no face) on the whole picture is below this
+
+
+# ---------------------------------------------------------------------------
+# Geometry: 3x3 matrices from a picture's pixels to a square view's pixels
+
+
+def letterbox(w, h, size):
+    """The whole w x h picture into the size x size square, aspect kept, centred."""
+    s = size / max(w, h)
+    return np.array([[s, 0, (size - s * w) / 2], [0, s, (size - s * h) / 2], [0, 0, 1.0]])
+
+
+def square_matrix(x0, y0, side, size):
+    """The square (x0, y0, side) of a picture onto the size x size view."""
+    s = size / side
+    return np.array([[s, 0, -x0 * s], [0, s, -y0 * s], [0, 0, 1.0]])
+
+
+def sampling_theta(matrix, size_in, size_out):
+    """(..., 3, 3) picture->view pixel matrices -> (..., 2, 3) affine_grid thetas (view -> picture, both in
+    grid_sample's [-1, 1] units, align_corners=False)."""
+    def unit(n):  # pixels -> [-1, 1]
+        return torch.tensor([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]], dtype=matrix.dtype)
+    return (unit(size_in) @ torch.linalg.inv(matrix) @ torch.linalg.inv(unit(size_out)))[..., :2, :]
+
+
+def face_square(points, pose, margin=REFINE_MARGIN):
+    """The square (x0, y0, side) around a face's landmarks, as align.py's box alignment takes it."""
+    return align.square_of(align.face_box(points, pose), margin)
+
+
+def nme(pred, true, poses):
+    """Mean landmark error of each face, normalised by the side sqrt(w h) of its (given) face box."""
+    box = np.stack([align.face_box(t, p) for t, p in zip(true, poses)])
+    side = np.sqrt((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+    return np.linalg.norm(pred - true, axis=2).mean(1) / side
+
+
+# ---------------------------------------------------------------------------
+# Training data: photos decoded once, views composed on whole batches
+
+
+class FaceData:
+    """A set of CFP photos letterboxed into CANVAS squares, with their landmarks, poses and face boxes in
+    canvas pixels, and background patches cut from their corners."""
+
+    def __init__(self, cfp, indices, workers=2):
+        self.indices = np.asarray(indices)
+        sizes = [Image.open(cfp.paths[i]).size for i in self.indices]
+        boxes = [letterbox(w, h, CANVAS) for w, h in sizes]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            self.images = torch.stack(list(pool.map(lambda i, m: decode_image(cfp.paths[i], CANVAS, matrix=m),
+                                                    self.indices, boxes)))              # (N, 3, C, C) uint8
+        self.points = np.stack([align.apply(m, cfp.landmarks[i]) for m, i in zip(boxes, self.indices)])
+        self.pose = np.array([POSES.index(align.pose_of(p, cfp.profile[i]))
+                              for p, i in zip(self.points, self.indices)])
+        self.valid = np.array([[m[0, 2], m[1, 2], m[0, 2] + m[0, 0] * w, m[1, 2] + m[1, 1] * h]
+                               for m, (w, h) in zip(boxes, sizes)])                      # the photo's own pixels
+        self.face = np.stack([align.face_box(p, POSES[k]) for p, k in zip(self.points, self.pose)])
+        self.patches = corner_patches(self.images, self.valid, self.face)
+
+
+def corner_patches(images, valid, faces, frac=0.3):
+    """PATCH x PATCH squares from the four corners of each photo that do not reach into its face box."""
+    out = []
+    for img, (x0, y0, x1, y1), face in zip(images, valid, faces):
+        side = frac * min(x1 - x0, y1 - y0)
+        for cx, cy in ((x0, y0), (x1 - side, y0), (x0, y1 - side), (x1 - side, y1 - side)):
+            if cx + side <= face[0] or cx >= face[2] or cy + side <= face[1] or cy >= face[3]:
+                a, b = int(cy), int(cx)
+                patch = img[:, a:a + max(1, int(side)), b:b + max(1, int(side))].float()[None]
+                out.append(F.interpolate(patch, size=(PATCH, PATCH), mode="bilinear", align_corners=False)[0])
+    if not out:
+        raise DataError("no photo has a corner outside its face box to cut a background from")
+    return torch.stack(out).to(torch.uint8)
+
+
+def mosaic(patches, n, size, gen):
+    """n backgrounds, each k x k patches (k from 1 to 4), as float (n, 3, size, size) in [0, 1]."""
+    k = int(torch.randint(1, 5, (1,), generator=gen))
+    tile = math.ceil(size / k)
+    pick = torch.randint(len(patches), (n, k * k), generator=gen)
+    tiles = F.interpolate(patches[pick.view(-1)].float() / 255, size=(tile, tile), mode="bilinear",
+                          align_corners=False).view(n, k, k, 3, tile, tile)
+    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
+
+
+def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0):
+    """A batch of training views: each photo of `rows` scaled, turned and placed at random on a background
+    (profiles mirrored half the time, their pose label swapped), or the background alone.
+    -> (x float (n, 3, size, size) in [0, 1], pose labels (n,), points (n, 30, 2) in units of the side)."""
+    n = len(rows)
+    pose = torch.as_tensor(d.pose[rows])
+    empty = torch.rand(n, generator=gen) < p_empty
+    mirror = (torch.rand(n, generator=gen) < 0.5) & (pose != POSES.index("frontal"))
+    face = torch.as_tensor(d.face[rows], dtype=torch.float64)
+    side = (face[:, 2:] - face[:, :2]).max(1).values
+    # half the views as the refining looks see a face (its box 1/REFINE_MARGIN of the side, near the centre),
+    # half with the face anywhere, at any scale of FACE_SCALE, as the first look sees a picture
+    lo, hi = map(math.log, FACE_SCALE)
+    anywhere = torch.rand(n, generator=gen) < 0.5
+    frac = torch.where(anywhere, torch.exp(lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)),
+                       (1 + 0.15 * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)) / REFINE_MARGIN)
+    zoom = frac * size / side
+    angle = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * math.radians(max_degrees)
+    f = frac[:, None]
+    u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
+    centre = size * torch.where(anywhere[:, None], f / 2 + (1 - f) * u, 0.5 + 0.08 * (2 * u - 1))
+    m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)                      # (n, 3, 3) canvas -> view
+    cos, sin, flip = zoom * torch.cos(angle), zoom * torch.sin(angle), torch.where(mirror, -1.0, 1.0).double()
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = flip * cos, -sin, flip * sin, cos
+    mid = (face[:, :2] + face[:, 2:]) / 2
+    m[:, :2, 2] = centre - (m[:, :2, :2] @ mid[:, :, None])[:, :, 0]
+    grid = F.affine_grid(sampling_theta(m, CANVAS, size).float(), [n, 3, size, size], align_corners=False)
+    x = F.grid_sample(d.images[rows].float() / 255, grid, mode="bilinear", align_corners=False)
+    px = (grid + 1) * CANVAS / 2                                               # (n, S, S, 2) canvas pixels
+    valid = torch.as_tensor(d.valid[rows], dtype=torch.float32)[:, None, None]
+    inside = ((px >= valid[..., :2]) & (px < valid[..., 2:])).all(-1) & ~empty[:, None, None]
+    x = torch.where(inside[:, None], x, mosaic(d.patches, n, size, gen))
+    points = torch.as_tensor(d.points[rows]) @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]
+    pose = torch.where(mirror, torch.tensor([0, 1, 3, 2])[pose], pose)      # a mirrored profile turns around
+    pose = torch.where(empty, torch.zeros_like(pose), pose)
+    return color_jitter(x, 0.3, 0.1), pose, (points / size).float()
+
+
+def normalise(x):
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+# ---------------------------------------------------------------------------
+# Finding a face and its landmarks in any picture
+
+
+class FaceFinder:
+    """The landmark network applied to whole pictures: a look at the picture letterboxed, then two looks at
+    the square around the landmarks found. find(pictures) -> one (points (30, 2) in picture pixels,
+    profile, pose) per picture, or None where no face is found."""
+
+    def __init__(self, net, looks=3, device="cpu"):
+        self.net, self.looks, self.device = net.eval(), looks, device
+        self.size = net.img_size
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+        ckpt = load_checkpoint(path, kind="landmarks")
+        net = LandmarkNet(ckpt["args"]["img_size"])
+        load_weights(net, ckpt["model"], path)
+        finder = cls(net.to(device), device=device)
+        with open(path, "rb") as f:
+            finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
+        return finder
+
+    @torch.no_grad()
+    def look(self, pictures, matrices):
+        x = torch.stack([torch.from_numpy(np.asarray(warp(im, m, self.size)).copy()).permute(2, 0, 1)
+                         for im, m in zip(pictures, matrices)])
+        logits, points = self.net(normalise(x.to(self.device).float() / 255))
+        probs = logits.float().softmax(1).cpu().numpy()
+        points = points.float().cpu().numpy() * self.size
+        return probs, [align.apply(np.linalg.inv(m), p) for m, p in zip(matrices, points)]
+
+    def refined(self, matrix, points, pose):
+        """The next look: the square around the landmarks found, unless they are no face's (the last look kept)."""
+        x0, y0, side = face_square(points, pose)
+        if not (np.isfinite([x0, y0, side]).all() and side * matrix[0, 0] > 4):  # at least 4 view pixels
+            return matrix
+        return square_matrix(x0, y0, side, self.size)
+
+    def find(self, pictures, chunk=64):
+        """-> per picture (points, profile, pose) or None where no face is found."""
+        return [f[:3] if f[3] else None for f in self.find_all(pictures, chunk)]
+
+    def find_all(self, pictures, chunk=64):
+        """-> per picture (points, profile, pose, found): the landmarks are the best guess even where the
+        first look found no face."""
+        out = []
+        for i in range(0, len(pictures), chunk):
+            out += self._find(pictures[i:i + chunk])
+        return out
+
+    def _find(self, pictures):
+        matrices = [letterbox(*im.size, self.size) for im in pictures]
+        probs, points = self.look(pictures, matrices)
+        found = probs[:, 0] < FOUND
+        for _ in range(self.looks - 1):
+            poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
+            matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
+            probs, points = self.look(pictures, matrices)
+        poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
+        return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
+
+
+def open_picture(path):
+    """A photo as RGB, as decode_image reads it (EXIF orientation, any mode); errors name the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"image {path} is {'a folder' if os.path.isdir(path) else 'missing or not a regular file'}")
+    try:
+        with Image.open(path) as im:
+            return to_rgb(ImageOps.exif_transpose(im), path)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {str(e)[:120]}") from None
+
+
+# ---------------------------------------------------------------------------
+# Pictures larger than the face: each photo pasted on a background cut from other photos
+
+
+def paste(im, fraction, backgrounds, rng, tiles=4):
+    """im pasted at a random place into a picture 1/fraction times its width and height, on a mosaic of
+    `tiles` x `tiles` pieces of the background photos. -> (picture, matrix from im's pixels to the picture's)."""
+    w, h = im.size
+    W, H = round(w / fraction), round(h / fraction)
+    picture = Image.new("RGB", (W, H))
+    tw, th = math.ceil(W / tiles), math.ceil(H / tiles)
+    for ty in range(tiles):
+        for tx in range(tiles):
+            bg = backgrounds[rng.integers(len(backgrounds))]
+            picture.paste(bg.resize((tw, th), Image.BILINEAR), (tx * tw, ty * th))
+    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+    picture.paste(im, (x0, y0))
+    return picture, np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
+
+
+def background_pieces(pictures, points, poses, frac=0.3):
+    """Corner squares of photos that stay outside their face boxes (PIL images)."""
+    out = []
+    for im, p, pose in zip(pictures, points, poses):
+        w, h = im.size
+        face, side = align.face_box(p, pose), int(frac * min(w, h))
+        for x, y in ((0, 0), (w - side, 0), (0, h - side), (w - side, h - side)):
+            if x + side <= face[0] or x >= face[2] or y + side <= face[1] or y >= face[3]:
+                out.append(im.crop((x, y, x + side, y + side)))
+    return out
+
+
+def iou(a, b):
+    """Intersection over union of boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train the landmark network (pose + CFP's 30 landmarks) on a CFP "
+                                            "protocol's training identities; validate and test on the others.")
+    p.add_argument("--data-root", default=os.environ.get("CFP_ROOT", "cfp-dataset"),
+                   help="CFP-layout folder with Data/Fiducials (default: $CFP_ROOT or ./cfp-dataset)")
+    p.add_argument("--protocol", default="seed", choices=["seed", "10fold"],
+                   help="whose training identities it learns from: train.py's folds (default: seed)")
+    p.add_argument("--test-fold", type=int, default=None, help="--protocol 10fold: the test fold K")
+    p.add_argument("--out", default="runs/landmarks", help="run folder (default: runs/landmarks)")
+    p.add_argument("--img-size", type=int, default=64, help="the network's view, pixels (default: 64)")
+    p.add_argument("--epochs", type=int, default=12, help="epochs over the training photos (default: 12)")
+    p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
+    p.add_argument("--val-images", type=int, default=400, help="validation photos looked at per epoch (default: 400)")
+    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines (default: 20)")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return p
+
+
+def check_args(args):
+    for flag, value, lo in (("--img-size", args.img_size, 32), ("--epochs", args.epochs, 1),
+                            ("--batch-size", args.batch_size, 2), ("--workers", args.workers, 1),
+                            ("--val-images", args.val_images, 1), ("--seed", args.seed, 0),
+                            ("--print-freq", args.print_freq, 1)):
+        if value < lo:
+            raise UserError(f"{flag} must be at least {lo}, got {value}")
+    for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
+        if not (math.isfinite(value) and 0 <= value < 1) or (flag == "--lr" and value == 0):
+            span = "(0, 1)" if flag == "--lr" else "[0, 1)"
+            raise UserError(f"{flag} must be a finite number in {span}, got {value}")
+    if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
+        raise UserError(f"--out {args.out} already holds a landmark network; choose another --out or add --overwrite")
+
+
+class Log:
+    def __init__(self, path):
+        self.file = open(path, "w")
+
+    def __call__(self, text):
+        print(text)
+        self.file.write(text + "\n")
+        self.file.flush()
+
+
+def landmark_loss(logits, points, pose, target):
+    """Pose cross-entropy plus 10 x the mean L1 landmark error (in units of the view) of the views with a face."""
+    face = pose > 0
+    l1 = (points[face] - target[face]).abs().mean() if face.any() else points.sum() * 0
+    return F.cross_entropy(logits, pose) + 10 * l1
+
+
+def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
+    net.train()
+    order = torch.randperm(len(d.indices), generator=gen)
+    steps, total, t0 = len(order) // args.batch_size, 0.0, time.time()
+    for step in range(steps):
+        rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()
+        x, pose, target = random_views(d, rows, args.img_size, gen)
+        logits, points = net(normalise(x))
+        loss = landmark_loss(logits, points, pose, target)
+        if not math.isfinite(loss.item()):
+            raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step + 1}; try a lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        total += loss.item()
+        if (step + 1) % args.print_freq == 0 or step + 1 == steps:
+            rate = (step + 1) * args.batch_size / (time.time() - t0)
+            log(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {total / (step + 1):.4f} "
+                f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} img/s")
+    return total / max(steps, 1)
+
+
+def score_photos(finder, cfp, indices):
+    """The finder on CFP photos as they are: NME against the given landmarks, pose accuracy, misses."""
+    pictures = [open_picture(cfp.paths[i]) for i in indices]
+    t = time.time()
+    found = finder.find(pictures)
+    seconds = time.time() - t
+    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
+    pred = np.stack([f[0] if f else np.full((30, 2), np.nan) for f in found])
+    errors = nme(pred, cfp.landmarks[indices], true_pose)
+    pose_ok = np.array([f is not None and f[2] == t for f, t in zip(found, true_pose)])
+    profile = cfp.profile[indices]
+    return {"nme_frontal": float(np.nanmean(errors[~profile])), "nme_profile": float(np.nanmean(errors[profile])),
+            "nme": errors,
+            "pose_acc": float(pose_ok.mean()), "found": float(np.mean([f is not None for f in found])),
+            "images": len(indices), "ms_per_photo": 1000 * seconds / len(indices)}, pictures, pred
+
+
+def found_in_pasted(finder, cfp, indices, fraction, seed=0):
+    """Each photo pasted into a picture 1/fraction its size on a background from the other photos: the share
+    of pictures in which the face box found overlaps the given one by IoU >= 0.5, and the NME there."""
+    rng = np.random.default_rng(seed)
+    pictures = [open_picture(cfp.paths[i]) for i in indices]
+    poses = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
+    pieces = background_pieces(pictures, cfp.landmarks[indices], poses)
+    hits, errors = [], []
+    for k in range(0, len(indices), 64):
+        batch = [paste(im, fraction, pieces, rng) for im in pictures[k:k + 64]]
+        found = finder.find([b[0] for b in batch])
+        for (_, m), f, i, pose in zip(batch, found, indices[k:k + 64], poses[k:k + 64]):
+            true = align.apply(m, cfp.landmarks[i])
+            ok = f is not None and iou(align.face_box(f[0], f[2]), align.face_box(true, pose)) >= 0.5
+            hits.append(ok)
+            errors.append(nme(f[0][None], true[None], [pose])[0] if f is not None else np.nan)
+    return {"found": float(np.mean(hits)), "nme": float(np.nanmean(errors))}
+
+
+def main(args):
+    check_args(args)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    cfp = load_cfp(args.data_root)
+    if cfp.landmarks is None:
+        raise DataError(f"--data-root {args.data_root} has no Data/Fiducials landmarks to learn from")
+    roles = split_folds(args.protocol, args.test_fold)
+    sets = {role: cfp.images_of(folds) for role, folds in roles.items()}
+    if np.intersect1d(cfp.identity[sets["train"]], cfp.identity[np.concatenate([sets["val"], sets["test"]])]).size:
+        raise DataError("the training identities overlap the validation or test ones")
+    os.makedirs(args.out, exist_ok=True)
+    log = Log(os.path.join(args.out, "log.txt"))
+    log(f"landmarks: {len(sets['train'])} training photos (folds {roles['train']}), validation folds "
+        f"{roles['val']}, test folds {roles['test']}; {args.img_size} px views")
+    write_json(os.path.join(args.out, "config.json"), {"task": "landmarks", "command": " ".join(["python"] + sys.argv),
+                                                       "args": vars(args), "torch": torch.__version__,
+                                                       "threads": torch.get_num_threads(), "folds": roles})
+    t = time.time()
+    d = FaceData(cfp, sets["train"], args.workers)
+    val_idx = np.random.default_rng(args.seed).permutation(sets["val"])[:args.val_images]
+    log(f"decoded {len(d.indices)} photos and cut {len(d.patches)} background patches in {time.time() - t:.0f}s")
+    net = LandmarkNet(args.img_size)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    total = args.epochs * (len(d.indices) // args.batch_size)
+    warm = min(100, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    history, best, t = [], math.inf, time.time()
+    for epoch in range(1, args.epochs + 1):
+        loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
+        val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
+        nme_val = float(np.nanmean(val.pop("nme")))
+        history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
+                        "val_found": val["found"], "minutes": (time.time() - t) / 60})
+        log(f"epoch {epoch} done: loss {loss:.4f}, validation NME {nme_val:.4f} (frontal {val['nme_frontal']:.4f}, "
+            f"profile {val['nme_profile']:.4f}), pose accuracy {val['pose_acc']:.4f}, found {val['found']:.4f}")
+        if nme_val < best:
+            best = nme_val
+            atomic_save({"model": net.state_dict(), "args": vars(args), "epoch": epoch, "poses": POSES,
+                         "val_nme": float(nme_val)}, os.path.join(args.out, "best.pt"))
+        write_history(history, os.path.join(args.out, "history.csv"))
+    test_and_report(args, cfp, sets, history, time.time() - t, log)
+
+
+def write_history(history, path):
+    lines = [",".join(history[0])] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in h.values())
+                                      for h in history]
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def test_and_report(args, cfp, sets, history, train_seconds, log):
+    """The best epoch's network on the test identities' photos: as they are, and pasted into larger pictures."""
+    from plots import plot_landmark_curves, plot_landmarks
+    finder = FaceFinder.load(os.path.join(args.out, "best.pt"))
+    test, pictures, pred = score_photos(finder, cfp, sets["test"])
+    test["nme"] = float(np.nanmean(test["nme"]))
+    pasted = {f"pasted_{f}": found_in_pasted(finder, cfp, sets["test"], f, args.seed) for f in (0.5, 0.25)}
+    best = min(history, key=lambda h: h["val_nme"])
+    metrics = {"test": test, **pasted, "best_epoch": best["epoch"], "val_nme": best["val_nme"],
+               "train_minutes": train_seconds / 60, "test_folds": split_folds(args.protocol, args.test_fold)["test"]}
+    write_json(os.path.join(args.out, "metrics.json"), metrics)
+    plot_landmark_curves(history, os.path.join(args.out, "curves.png"))
+    show = np.random.default_rng(0).choice(len(sets["test"]), 16, replace=False)
+    plot_landmarks([pictures[k] for k in show], cfp.landmarks[sets["test"][show]], pred[show],
+                   [os.path.relpath(cfp.paths[sets["test"][k]], cfp.root)[12:] for k in show],
+                   os.path.join(args.out, "landmarks.png"))
+    log(f"best epoch {best['epoch']}; test: NME frontal {test['nme_frontal']:.4f}, profile {test['nme_profile']:.4f}, "
+        f"pose accuracy {test['pose_acc']:.4f}, {test['ms_per_photo']:.1f} ms a photo; pasted at 1/2: found "
+        f"{pasted['pasted_0.5']['found']:.4f}, at 1/4: {pasted['pasted_0.25']['found']:.4f}; "
+        f"{train_seconds / 60:.1f} min -> {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())
+
+
+def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chunk=64):
+    """CFP photos aligned as a user's photo is, by the landmark network's landmarks; with fraction, each photo
+    first pasted into a picture 1/fraction its size. -> (uint8 (N, 3, size, size), what was found: the share
+    of photos whose face was found where the given landmarks put it (face boxes' IoU >= 0.5))"""
+    rng = np.random.default_rng(seed)
+    given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
+    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
+    if fraction is not None:
+        some = rng.choice(len(indices), min(len(indices), 400), replace=False)
+        pieces = background_pieces([open_picture(cfp.paths[indices[k]]) for k in some],
+                                   cfp.landmarks[indices[some]], [true_pose[k] for k in some])
+    out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+    found, located = [], []
+    for k in range(0, len(indices), chunk):
+        pictures = [open_picture(cfp.paths[i]) for i in indices[k:k + chunk]]
+        moved = [np.eye(3)] * len(pictures)
+        if fraction is not None:
+            pictures, moved = zip(*[paste(im, fraction, pieces, rng) for im in pictures])
+        for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, finder.find_all(pictures))):
+            out[k + j] = torch.from_numpy(np.asarray(warp(im, aligner.matrix(points, profile, size), size)).copy()
+                                          ).permute(2, 0, 1)
+            found.append(ok)
+            if given:
+                true = align.face_box(align.apply(moved[j], cfp.landmarks[indices[k + j]]), true_pose[k + j])
+                located.append(ok and iou(align.face_box(points, pose), true) >= 0.5)
+    return out, {"source": "predicted", **finder.source, "paste": fraction, "found": float(np.mean(found)),
+                 "found_at_its_place": float(np.mean(located)) if given else None}

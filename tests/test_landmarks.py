@@ -1,0 +1,181 @@
+"""The landmark network (landmarks.py): training views, finding faces, and photos aligned without landmark files."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import align
+import data
+import evaluate
+import landmarks
+import train
+from conftest import cli, smoke_args
+from models import POSES, LandmarkNet
+from test_align import face, toy_lm  # noqa: F401 (toy_lm: the toy with hand-made landmark files)
+
+
+@pytest.fixture(scope="module")
+def lm_run(toy_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "landmarks"
+    r = cli(landmarks, "--data-root", toy_lm, "--out", out, "--img-size", "32", "--epochs", "1",
+            "--batch-size", "16", "--val-images", "8", "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def dot_photos(tmp_path):
+    """Photos with one white dot on a black ground at a hand-made face's eye, with their landmark sets."""
+    root = tmp_path / "dots"
+    points = {"frontal": face("frontal") * 2, "right": face("right") * 2, "left": face("left") * 2}
+    for pose, p in points.items():
+        img = Image.new("RGB", (260, 220))
+        eye = p[12:18].mean(0)
+        ImageDraw.Draw(img).ellipse([eye[0] - 6, eye[1] - 6, eye[0] + 6, eye[1] + 6], fill=(255, 255, 255))
+        os.makedirs(root, exist_ok=True)
+        img.save(root / f"{pose}.png")
+    return root, points
+
+
+class Photos:
+    """A stand-in for a CFP of hand-made photos: what landmarks.FaceData reads."""
+
+    def __init__(self, root, points):
+        self.paths = [str(root / f"{k}.png") for k in points]
+        self.landmarks = np.stack(list(points.values()))
+        self.profile = np.array([k != "frontal" for k in points])
+
+
+def test_views_put_the_landmarks_where_the_face_is_and_mirror_profiles(tmp_path):
+    root, points = dot_photos(tmp_path)
+    d = landmarks.FaceData(Photos(root, points), np.arange(3), workers=1)
+    assert [POSES[k] for k in d.pose] == ["frontal", "right", "left"]
+    gen = torch.Generator().manual_seed(0)
+    rows = np.tile(np.arange(3), 40)
+    x, pose, target = landmarks.random_views(d, rows, 64, gen, p_empty=0.0, max_degrees=20.0)
+    swapped = 0
+    for img, k, t, row in zip(x, pose, target, rows):
+        eye = t.numpy()[12:18].mean(0) * 64
+        bright = (img.mean(0) > 0.8).nonzero().float()  # (y, x) of the dot's pixels (the mosaic is dimmer)
+        if d.pose[row] != POSES.index("frontal"):
+            # a profile's label follows the way it faces in the view: swapped exactly when it was mirrored
+            facing = align.pose_of(t.numpy() * 64, True)
+            assert POSES[int(k)] == facing
+            swapped += int(k) != d.pose[row]
+        if len(bright) > 4:
+            assert np.abs(bright.mean(0).numpy()[::-1] - eye).max() < 3  # the dot is where its landmark says
+    assert 5 < swapped < 75  # about half the profiles were mirrored
+    x, pose, _ = landmarks.random_views(d, rows, 64, gen, p_empty=1.0)
+    assert (pose == 0).all()  # a background alone is "no face"
+
+
+def test_poses_of_hand_made_landmark_sets():
+    for facing, pose in (("frontal", "frontal"), ("right", "right"), ("left", "left")):
+        assert align.pose_of(face(facing), facing != "frontal") == pose
+    # the refined look is the square align.py's box alignment takes around the face
+    x0, y0, side = landmarks.face_square(face("right"), "right", margin=1.25)
+    m = landmarks.square_matrix(x0, y0, side, 64)
+    out = align.apply(m, face("right"))
+    assert out.min() >= 0 and out.max() <= 64
+
+
+def test_geometry_of_letterbox_and_sampling_theta():
+    m = landmarks.letterbox(200, 100, 64)
+    assert np.allclose(align.apply(m, np.array([[0, 0], [200, 100]])), [[0, 16], [64, 48]])
+    # sampling a canvas through theta puts canvas pixel (x, y) at view pixel m (x, y)
+    canvas = torch.zeros(1, 1, 128, 128)
+    canvas[0, 0, 28:32, 98:102] = 1                                 # a dot around (100, 30)
+    m = landmarks.square_matrix(64, 0, 64, 32)                      # the top right quarter, halved
+    theta = landmarks.sampling_theta(torch.as_tensor(m)[None], 128, 32).float()
+    grid = torch.nn.functional.affine_grid(theta, [1, 1, 32, 32], align_corners=False)
+    view = torch.nn.functional.grid_sample(canvas, grid, align_corners=False)[0, 0]
+    y, x = np.unravel_index(int(view.argmax()), (32, 32))
+    assert np.allclose(align.apply(m, np.array([[100.0, 30.0]])), [[18, 15]]) and abs(x - 18) <= 1 and abs(y - 15) <= 1
+
+
+def test_the_landmark_network_trains_and_reports(lm_run):
+    m = json.loads((lm_run / "metrics.json").read_text())
+    assert set(m["test"]) >= {"nme_frontal", "nme_profile", "pose_acc", "found", "ms_per_photo"}
+    assert 0 <= m["test"]["pose_acc"] <= 1 and m["test"]["images"] == 2 * 14 * 2  # folds 9-10: 2 ids each
+    for f in ("config.json", "history.csv", "log.txt", "curves.png", "landmarks.png", "best.pt"):
+        assert (lm_run / f).exists(), f
+    r = cli(landmarks, "--data-root", "x", "--out", lm_run)
+    assert r.returncode == 2 and "already holds a landmark network" in r.stderr
+    net = LandmarkNet(32)
+    logits, points = net(torch.zeros(2, 3, 32, 32))
+    assert logits.shape == (2, len(POSES)) and points.shape == (2, 30, 2)
+
+
+@pytest.fixture(scope="module")
+def aligned_run(toy_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "aligned"
+    train.main(smoke_args(toy_lm, out, "--loss", "arcface", "--epochs", "1"))
+    return out
+
+
+def test_predicted_landmarks_where_a_file_is_missing(aligned_run, lm_run, toy, toy_lm, tmp_path):
+    cfp = data.load_cfp(toy_lm)
+    plain = os.path.join(toy, "Data/Images/019/frontal/01.jpg")  # the toy without landmark files
+    r = cli(evaluate, aligned_run, "--pair", plain, cfp.paths[0])
+    assert r.returncode == 2 and "no landmark file" in r.stderr and "--landmark-net" in r.stderr
+    r = cli(evaluate, aligned_run, "--pair", plain, cfp.paths[0], "--landmark-net", lm_run)
+    assert r.returncode == 0, r.stderr
+    assert f"{plain} predicted" in r.stdout and f"{cfp.paths[0]} given" in r.stdout
+    # --align predicted: one pair scores as the fold evaluation with predicted landmarks does
+    pairs, _ = cfp.pairs([9])
+    a, b = cfp.paths[pairs[0, 0]], cfp.paths[pairs[0, 1]]
+    r = cli(evaluate, aligned_run, "--pair", a, b, "--landmark-net", lm_run, "--align", "predicted")
+    assert r.returncode == 0, r.stderr
+    score = float(r.stdout.split("score ")[1].split()[0])
+    model, ckpt = evaluate.load_model(str(aligned_run), torch.device("cpu"))
+    args = evaluate.get_args_parser().parse_args([str(aligned_run), "--align", "predicted"])
+    finder = landmarks.FaceFinder.load(str(lm_run))
+    bank, used = evaluate.fold_bank(args, cfp, np.unique(pairs[:, :2]), ckpt, torch.device("cpu"), finder)
+    res = evaluate.evaluate(model, bank, pairs[:1], None)
+    assert used["source"] == "predicted" and used["sha1"] == finder.source["sha1"]
+    assert res["scores"][0] == pytest.approx(score, abs=1e-4)
+    r = cli(evaluate, aligned_run, "--folds", "9", "--landmark-net", lm_run, "--align", "predicted",
+            "--paste", "0.5", "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "e.json").read_text())["landmarks"]
+    assert got["paste"] == 0.5 and 0 <= got["found_at_its_place"] <= got["found"] <= 1
+
+
+def test_a_photo_with_no_face_is_one_line(aligned_run, lm_run, toy_lm, tmp_path, monkeypatch):
+    cfp = data.load_cfp(toy_lm)
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (90, 90), (128, 128, 128)).save(blank)
+    real = landmarks.FaceFinder.find_all
+    monkeypatch.setattr(landmarks.FaceFinder, "find_all",  # the wall: whatever a tiny network thinks
+                        lambda self, pics, chunk=64: [f[:3] + (f[3] and pic.size != (90, 90),)
+                                                      for f, pic in zip(real(self, pics, chunk), pics)])
+    r = cli(evaluate, aligned_run, "--pair", blank, cfp.paths[0], "--landmark-net", lm_run, "--align", "predicted")
+    assert r.returncode == 2 and r.stderr == f"error: no face found in {blank}\n"
+    (tmp_path / "list.txt").write_text(f"{blank} {cfp.paths[0]}\n{cfp.paths[1]} {cfp.paths[0]}\n")
+    r = cli(evaluate, aligned_run, "--pairs", tmp_path / "list.txt", "--landmark-net", lm_run, "--align", "predicted")
+    assert r.returncode == 1 and len(r.stdout.strip().splitlines()) == 2  # the header and the good line
+    assert f"list.txt:1: no face found in {blank}" in r.stderr
+
+
+def test_landmark_flags_are_checked(aligned_run, lm_run):
+    r = cli(evaluate, aligned_run, "--align", "predicted")
+    assert r.returncode == 2 and "--align predicted needs --landmark-net" in r.stderr
+    r = cli(evaluate, aligned_run, "--paste", "0.5")
+    assert r.returncode == 2 and "--paste applies to fold evaluation with --align predicted" in r.stderr
+    r = cli(evaluate, aligned_run, "--landmark-net", aligned_run)
+    assert r.returncode == 2 and "not a landmark network written by landmarks.py" in r.stderr
+
+
+def test_training_on_a_dataset_without_landmark_files(lm_run, toy, tmp_path):
+    out = tmp_path / "run"
+    args = smoke_args(toy, out, "--loss", "arcface", "--epochs", "1", "--max-steps", "2", "--landmark-net", lm_run)
+    train.main(args)
+    config = json.loads((out / "config.json").read_text())
+    assert args.align == "template" and config["landmarks"]["source"] == "predicted"
+    assert config["landmarks"]["sha1"] == landmarks.FaceFinder.load(str(lm_run)).source["sha1"]
+    # evaluated on the same dataset, the run finds its faces with the network it was trained with
+    r = cli(evaluate, out, "--folds", "9", "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["landmarks"]["source"] == "predicted"
