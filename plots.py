@@ -24,6 +24,11 @@ def _pyplot():
     return plt
 
 
+def import_pyplot():
+    """Import matplotlib ahead of the first figure (train.py does, before a run is interruptible)."""
+    _pyplot()
+
+
 def _save(fig, path, dpi=80):
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)

@@ -30,7 +30,7 @@ from landmarks import FaceFinder, open_picture
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
-from plots import plot_curves, plot_errors, plot_inputs, plot_roc
+from plots import import_pyplot, plot_curves, plot_errors, plot_inputs, plot_roc
 from toy import make_toy
 from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save,
                    atomic_write, disk_full, git_state, init_distributed, load_checkpoint, load_weights, open_nofollow,
@@ -492,6 +492,7 @@ def setup(args, device, log):
     """Seeds, backend flags, a usable --cache-dir; the autocast dtype (None: fp32)."""
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
+    import_pyplot()  # now, not at the first plot: a Ctrl-C inside matplotlib's first import is an ImportError
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.cache_dir and not writable_dir(args.cache_dir):
