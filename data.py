@@ -276,25 +276,34 @@ def to_rgb(im, path):
     return im.convert("RGB")
 
 
-def decode_image(path, size, resize="pad", matrix=None):
-    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
-
-    With matrix (3x3, from align.py), the face is warped by it instead of the whole image resized."""
+def open_image(path, draft=None):
+    """File -> RGB PIL image as an image viewer shows it: EXIF orientation applied, any mode (grayscale, CMYK,
+    16-bit, transparency) made RGB; errors name the file. draft: let a JPEG decoder downscale towards it."""
     if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block open() forever
         raise DataError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}")
     try:
         with Image.open(path) as im:
-            if matrix is None:
-                im.draft("RGB", (size, size))  # JPEG: let the decoder downscale by 1/2..1/8 first
+            if draft:
+                im.draft("RGB", (draft, draft))  # JPEG: let the decoder downscale by 1/2..1/8 first
             try:
                 im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
             except Exception as e:  # Pillow's EXIF parsing of a damaged file can raise almost anything
                 raise DataError(f"cannot read the EXIF data of image {path} ({type(e).__name__})") from None
-            im = to_rgb(im, path)
-            im = to_square(im, size, resize) if matrix is None else warp(im, matrix, size)
+            return to_rgb(im, path)
     except FileNotFoundError:
         raise DataError(f"missing image {path}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot decode image {path}: {quote(str(e), 120)}") from None
+
+
+def decode_image(path, size, resize="pad", matrix=None):
+    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
+
+    With matrix (3x3, from align.py), the face is warped by it instead of the whole image resized."""
+    im = open_image(path, draft=size if matrix is None else None)
+    try:
+        im = to_square(im, size, resize) if matrix is None else warp(im, matrix, size)
+    except (OSError, ValueError) as e:
         raise DataError(f"cannot decode image {path}: {quote(str(e), 120)}") from None
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from align import Aligner
-from data import KINDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, preprocess, quote, split_folds
-from landmarks import FaceFinder, align_photos, open_picture
+from data import (KINDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, open_image, preprocess, quote,
+                  split_folds)
+from landmarks import FaceFinder, align_photos
 from metrics import report, roc, tar_at_far, thresholds_by_kind
 from models import build_model, pair_score
 from plots import plot_pair
@@ -180,7 +181,7 @@ class Photos:
                 if self.finder is None:
                     raise DataError(f"{path} has no landmark file (Data/Fiducials/.../NN.txt beside a CFP-layout "
                                     f"Data/Images/...) and no --landmark-net was given to find them") from None
-        found = self.finder.find([open_picture(path)])[0]
+        found = self.finder.find([open_image(path)])[0]
         if found is None:
             raise DataError(f"no face found in {path}")
         self.used[path] = "predicted"

@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 import align
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, split_folds, to_rgb,
-                  warp)
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, open_image,
+                  split_folds, warp)
 from models import POSES, LandmarkNet
 from utils import UserError, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli, write_json
 
@@ -230,17 +230,6 @@ class FaceFinder:
         return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
 
 
-def open_picture(path):
-    """A photo as RGB, as decode_image reads it (EXIF orientation, any mode); errors name the file."""
-    if not os.path.isfile(path):
-        raise DataError(f"image {path} is {'a folder' if os.path.isdir(path) else 'missing or not a regular file'}")
-    try:
-        with Image.open(path) as im:
-            return to_rgb(ImageOps.exif_transpose(im), path)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {path}: {str(e)[:120]}") from None
-
-
 # ---------------------------------------------------------------------------
 # Pictures larger than the face: each photo pasted on a background cut from other photos
 
@@ -365,7 +354,7 @@ def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
 
 def score_photos(finder, cfp, indices):
     """The finder on CFP photos as they are: NME against the given landmarks, pose accuracy, misses."""
-    pictures = [open_picture(cfp.paths[i]) for i in indices]
+    pictures = [open_image(cfp.paths[i]) for i in indices]
     t = time.time()
     found = finder.find(pictures)
     seconds = time.time() - t
@@ -384,7 +373,7 @@ def found_in_pasted(finder, cfp, indices, fraction, seed=0):
     """Each photo pasted into a picture 1/fraction its size on a background from the other photos: the share
     of pictures in which the face box found overlaps the given one by IoU >= 0.5, and the NME there."""
     rng = np.random.default_rng(seed)
-    pictures = [open_picture(cfp.paths[i]) for i in indices]
+    pictures = [open_image(cfp.paths[i]) for i in indices]
     poses = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
     pieces = background_pieces(pictures, cfp.landmarks[indices], poses)
     hits, errors = [], []
@@ -486,12 +475,12 @@ def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chu
     true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
     if fraction is not None:
         some = rng.choice(len(indices), min(len(indices), 400), replace=False)
-        pieces = background_pieces([open_picture(cfp.paths[indices[k]]) for k in some],
+        pieces = background_pieces([open_image(cfp.paths[indices[k]]) for k in some],
                                    cfp.landmarks[indices[some]], [true_pose[k] for k in some])
     out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     found, located = [], []
     for k in range(0, len(indices), chunk):
-        pictures = [open_picture(cfp.paths[i]) for i in indices[k:k + chunk]]
+        pictures = [open_image(cfp.paths[i]) for i in indices[k:k + chunk]]
         moved = [np.eye(3)] * len(pictures)
         if fraction is not None:
             pictures, moved = zip(*[paste(im, fraction, pieces, rng) for im in pictures])

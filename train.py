@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES, Aligner
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, preprocess,
-                  split_folds)
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, open_image,
+                  preprocess, split_folds)
 from evaluate import dataset_label, evaluate, write_scores
-from landmarks import FaceFinder, open_picture
+from landmarks import FaceFinder
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
@@ -759,7 +759,7 @@ def place_landmarks(args, cfp, log):
         return {"source": "given" if cfp.landmarks is not None else "none"}
     finder = FaceFinder.load(args.landmark_net)
     t = time.time()
-    found = finder.find_all([open_picture(p) for p in cfp.paths])
+    found = finder.find_all([open_image(p) for p in cfp.paths])
     cfp.landmarks = np.stack([f[0] for f in found])
     missed = [p for p, f in zip(cfp.paths, found) if not f[3]]
     log(f"landmarks: predicted for {len(found)} images by {args.landmark_net} in {time.time() - t:.0f}s; "
