@@ -7,11 +7,17 @@ Official layout (Sengupta et al., WACV 2016):
     ROOT/Protocol/Split/{FF,FP}/01..10/{same,diff}.txt  "i,j", 1-based; FF: frontal,frontal; FP: frontal,profile
     ROOT/Data/Fiducials/NNN/{frontal,profile}/NN.txt     30 landmarks, "x,y" per line (align.py), optional
 
+Any other face dataset trains in torchvision's ImageFolder layout, one folder per identity:
+
+    ROOT/IDENTITY/**/NAME.{jpg,jpeg,png,bmp,webp}        (no Protocol/ folder; pose and landmarks unknown)
+
 Every image is decoded, aligned or resized once into a uint8 tensor; augmentation and
 normalisation then run on whole batches, on the training device.
 
     python data.py --check DIR      summary of a dataset folder and its landmarks, non-zero exit on the first problem
     python data.py --make-toy DIR   write a small synthetic dataset in the same layout
+    python data.py --make-toy-folders DIR [--identities N --per-identity M]   synthetic identity folders
+    python data.py --to-folders CFP_ROOT DIR [--folds 1 2 ...]   CFP's images as identity folders (symbolic links)
 """
 import argparse
 import glob
@@ -28,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from align import NUM_POINTS
-from utils import UserError, atomic_save, run_cli
+from utils import UserError, atomic_save, atomic_write, run_cli
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +59,8 @@ class CFP:
     folds: dict           # fold (1-based int) -> {"FF": (P, 3), "FP": (P, 3)}, rows (a, b, same)
     landmarks: np.ndarray = None  # (N, 30, 2) float, image pixels; None when the dataset has no Data/Fiducials
     fingerprint: str = ""  # sha1 of the image list and every pair: which dataset a run was trained on
+    layout: str = "cfp"    # "cfp", or "folders": identity folders (load_folders), with no protocol folds
+    names: list = None     # identity folder names, by identity number
 
     def pairs(self, folds, kinds=KINDS):
         """All pairs of the given folds as (P, 3) int64 rows (a, b, same), and each row's kind."""
@@ -185,7 +193,7 @@ def load_cfp(root):
     paths = frontal + profile
     # Identity = the folder two levels above the file: Data/Images/NNN/frontal/NN.jpg
     names = [os.path.basename(os.path.dirname(os.path.dirname(p))) for p in paths]
-    _, identity = np.unique(names, return_inverse=True)
+    names, identity = np.unique(names, return_inverse=True)
     split_dir = os.path.join(root, "Protocol", "Split")
     folds = {}
     for k in range(1, NUM_FOLDS + 1):
@@ -202,7 +210,7 @@ def load_cfp(root):
         for kind in KINDS:
             h.update(np.ascontiguousarray(folds[k][kind]).tobytes())
     return CFP(root, paths, identity.astype(np.int64), np.arange(len(paths)) >= len(frontal), folds,
-               load_landmarks(root, paths), h.hexdigest())
+               load_landmarks(root, paths), h.hexdigest(), names=names.tolist())
 
 
 def split_folds(protocol, test_fold=None):
@@ -216,6 +224,110 @@ def split_folds(protocol, test_fold=None):
         train = [k for k in range(1, NUM_FOLDS + 1) if k not in (test_fold, val)]
         return {"train": train, "val": [val], "test": [test_fold]}
     raise UserError(f"unknown protocol {protocol!r}")
+
+
+# ---------------------------------------------------------------------------
+# Identity folders: any face dataset, ROOT/IDENTITY/**/NAME.jpg
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+HOLDOUT_PAIRS = 3000  # same-identity pairs (and as many different) per held-out role, at most
+
+
+def load_dataset(root):
+    """A CFP-layout folder (it has Protocol/) or an identity-folder dataset, told apart by the layout."""
+    if root and os.path.isdir(root) and not os.path.isdir(os.path.join(root, "Protocol")):
+        return load_folders(root)
+    return load_cfp(root)
+
+
+def load_folders(root):
+    """ROOT/IDENTITY/**/*.jpg (torchvision's ImageFolder layout): one identity per folder, images at any depth
+    below it, sorted. Pose and landmarks are unknown: every image counts as frontal."""
+    names = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    paths, identity = [], []
+    for i, name in enumerate(names):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name))
+                       for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+        paths += files
+        identity += [i] * len(files)
+    if not paths:
+        raise DataError(f"--data-root {root!r} has neither a Protocol/ folder (CFP's layout) nor identity folders "
+                        f"with images ({', '.join(IMAGE_EXTENSIONS)}) inside: not a dataset")
+    if len(names) < 2:
+        raise DataError(f"--data-root {root!r}: one identity folder ({names[0]}); verification needs two or more")
+    h = hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode())
+    return CFP(root, paths, np.array(identity, dtype=np.int64), np.zeros(len(paths), bool), {}, None,
+               h.hexdigest(), layout="folders", names=names)
+
+
+def join(train, held_out):
+    """One dataset of an identity-folder training set and a CFP root that validates and tests it: held_out's
+    images, identities and fold pairs come after train's. Landmarks the training folders lack are NaN."""
+    n, ids = len(train.paths), len(train.names)
+    folds = {k: {kind: p + np.array([n, n, 0]) for kind, p in f.items()} for k, f in held_out.folds.items()}
+    landmarks = None
+    if held_out.landmarks is not None or train.landmarks is not None:
+        landmarks = np.concatenate([np.full((n, NUM_POINTS, 2), np.nan) if train.landmarks is None else train.landmarks,
+                                    np.full((len(held_out.paths), NUM_POINTS, 2), np.nan)
+                                    if held_out.landmarks is None else held_out.landmarks])
+    fingerprint = hashlib.sha1(f"{train.fingerprint}+{held_out.fingerprint}".encode()).hexdigest()
+    return CFP(train.root, train.paths + held_out.paths, np.concatenate([train.identity, held_out.identity + ids]),
+               np.concatenate([train.profile, held_out.profile]), folds, landmarks, fingerprint, layout="folders",
+               names=train.names + [f"{held_out.root}:{x}" for x in held_out.names])
+
+
+def holdout_identities(ds, seed, fraction=0.1):
+    """Identity-folder identities -> (train, val, test) identity arrays: fraction of those with 2+ images each
+    for validation and for test (at least 2), drawn with the seed; the rest train."""
+    counts = np.bincount(ds.identity, minlength=len(ds.names))
+    eligible = np.random.default_rng([seed, 23]).permutation(np.flatnonzero(counts >= 2))
+    k = max(2, round(fraction * len(ds.names)))
+    if len(eligible) < 2 * k + 2:
+        raise DataError(f"{ds.root}: {len(eligible)} identities with 2+ images; holding out {k} for validation and "
+                        f"{k} for test needs at least {2 * k + 2} (or give --eval-root CFP_ROOT)")
+    val, test = np.sort(eligible[:k]), np.sort(eligible[k:2 * k])
+    return np.setdiff1d(np.arange(len(ds.names)), np.concatenate([val, test])), val, test
+
+
+def draw_pairs(ds, ids, seed, n=HOLDOUT_PAIRS):
+    """(P, 3) rows (a, b, same) among these identities' images: n same-identity pairs of two different images
+    and n different-identity pairs (fewer when there are few identities), drawn once with the seed."""
+    rng = np.random.default_rng([seed, 29])
+    images = [np.flatnonzero(ds.identity == i) for i in ids]
+    n = min(n, 10 * len(ids))
+    rows = []
+    for _ in range(n):
+        a, b = rng.choice(images[rng.integers(len(ids))], 2, replace=False)
+        rows.append((a, b, 1))
+    for _ in range(n):
+        i, j = rng.choice(len(ids), 2, replace=False)
+        rows.append((rng.choice(images[i]), rng.choice(images[j]), 0))
+    return np.array(rows, dtype=np.int64)
+
+
+def write_pair_file(path, ds, pairs):
+    """Pairs as 'a,b,same' lines, a and b relative to the dataset root: the run's own held-out pairs."""
+    rel = [os.path.relpath(p, ds.root) for p in ds.paths]
+    lines = [f"{rel[a]},{rel[b]},{same}" for a, b, same in pairs]
+    if any("," in rel[i] for i in np.unique(pairs[:, :2])):
+        raise DataError(f"{ds.root}: an image path contains a comma; rename it to hold its pairs in a file")
+    atomic_write(path, "\n".join(lines) + "\n")
+
+
+def read_pair_file(path, ds):
+    """A pair file written by write_pair_file -> (P, 3) rows; a line naming an image not in ds is refused."""
+    index = {os.path.relpath(p, ds.root): i for i, p in enumerate(ds.paths)}
+    rows = []
+    for n, line in _read_lines(path):
+        parts = line.rsplit(",", 2)
+        if len(parts) != 3 or parts[2] not in ("0", "1"):
+            raise DataError(f"{path}:{n}: expected 'A,B,SAME' with SAME 0 or 1, got {quote(line)}")
+        for p in parts[:2]:
+            if p not in index:
+                raise DataError(f"{path}:{n}: image {p!r} is not in {ds.root}")
+        rows.append((index[parts[0]], index[parts[1]], int(parts[2])))
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
 
 # ---------------------------------------------------------------------------
@@ -376,24 +488,88 @@ def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=Non
     return out
 
 
-class ImageBank:
-    """The uint8 images a run needs, and the map from dataset index to row."""
+def map_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None, chunk=1024):
+    """load_images for a set larger than memory: (N, 3, size, size) uint8 backed by an .npy file in cache_dir,
+    decoded chunk by chunk (under torchrun, rank r decodes chunks r, r + world, ...); a file a killed run
+    left half-written is decoded again, since only a finished one is renamed to its final name."""
+    dist = torch.distributed
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    path = _cache_file(cache_dir, paths, size, resize, matrices)[:-len(".pt")] + ".npy"
+    shape = (len(paths), 3, size, size)
+    images = read_mapped(path, shape)
+    if images is None:
+        tmp = f"{path}.part"
+        if rank == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            np.lib.format.open_memmap(tmp, "w+", np.uint8, shape).flush()
+        if world > 1:
+            dist.barrier()
+        out = np.load(tmp, mmap_mode="r+")
+        matrices = [None] * len(paths) if matrices is None else matrices
+        chunk = max(1, min(chunk, -(-len(paths) // world)))  # every rank has a share, however few the images
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            for start in range(rank * chunk, len(paths), world * chunk):
+                end = min(start + chunk, len(paths))
+                decoded = pool.map(lambda p, m: decode_image(p, size, resize, m), paths[start:end], matrices[start:end])
+                out[start:end] = torch.stack(list(decoded)).numpy()
+        out.flush()
+        del out
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            os.replace(tmp, path)
+        if world > 1:
+            dist.barrier()
+        images = read_mapped(path, shape)
+    return torch.from_numpy(images)
 
-    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad", aligner=None):
+
+def read_mapped(path, shape):
+    """The .npy bank at path, mapped copy-on-write (rows are read from disk as they are indexed), or None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        images = np.load(path, mmap_mode="c")
+    except (OSError, ValueError) as e:
+        warn(f"cache {path} cannot be read ({type(e).__name__}): decoding the images again")
+        return None
+    if images.dtype != np.uint8 or images.shape != shape:
+        warn(f"cache {path} holds something else than {shape} uint8 images: decoding the images again")
+        return None
+    return images
+
+
+class ImageBank:
+    """The uint8 images a run needs, and the map from dataset index to row.
+
+    A set larger than memory_gib (default: half of this machine's memory) is decoded chunk by chunk into a
+    memory-mapped file in cache_dir, which the operating system pages in as batches need it; under torchrun
+    each rank decodes only its share of that file."""
+
+    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad", aligner=None,
+                 memory_gib=None):
         self.indices = np.unique(indices)
         self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
         self.row[self.indices] = np.arange(len(self.indices))
         need, memory = len(self.indices) * 3 * size * size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if need > 0.8 * memory:
+        budget = 0.5 * memory if memory_gib is None else memory_gib * 2**30
+        mapped = need > budget
+        if mapped and not cache_dir:
             raise DataError(f"--img-size {size}: the decoded images would need {need / 2**30:.1f} GiB "
-                            f"({len(self.indices)} x 3 x {size} x {size} bytes), more than this machine's "
-                            f"{memory / 2**30:.0f} GiB of memory allows; choose a smaller --img-size")
+                            f"({len(self.indices)} x 3 x {size} x {size} bytes), more than the "
+                            f"{budget / 2**30:.1f} GiB --bank-memory allows in memory; give --cache-dir DIR to keep "
+                            f"them in a memory-mapped file there, or choose a smaller --img-size")
         matrices = None
         if aligner is not None:  # each face warped by its own landmarks (align.py)
-            if cfp.landmarks is None:
-                raise DataError(f"{cfp.root} has no Data/Fiducials landmarks to align faces by; use --align none")
+            if cfp.landmarks is None or np.isnan(cfp.landmarks[self.indices]).any():
+                raise DataError(f"{cfp.root}: images without landmarks (no Data/Fiducials) cannot be aligned; use "
+                                f"--align none, or --landmark-net RUN to predict them")
             matrices = [aligner.matrix(cfp.landmarks[i], cfp.profile[i], size) for i in self.indices]
-        images = load_images([cfp.paths[i] for i in self.indices], size, workers, cache_dir, resize, matrices)
+        paths = [cfp.paths[i] for i in self.indices]
+        if mapped:
+            self.images = map_images(paths, size, workers, cache_dir, resize, matrices)
+            return
+        images = load_images(paths, size, workers, cache_dir, resize, matrices)
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
 
@@ -489,16 +665,22 @@ class PairSet:
 class IdentityPairSet(PairSet):
     """Fresh pairs every epoch, drawn from all images of the training identities.
 
-    As many pairs as the protocol has for these folds, in the protocol's proportions: half FF (two
-    frontal images), half FP (frontal, profile); each half half same-identity, half different."""
+    CFP: as many pairs as the protocol has for these folds, in the protocol's proportions: half FF (two
+    frontal images), half FP (frontal, profile); each half half same-identity, half different. Identity
+    folders (pose unknown): one pair per training image, half same-identity, half different."""
 
-    def __init__(self, cfp, folds):
-        super().__init__(cfp.pairs(folds)[0])
-        images = cfp.images_of(folds)
+    def __init__(self, cfp, folds=None, images=None):
+        if folds is not None:
+            images = cfp.images_of(folds)
+        super().__init__(cfp.pairs(folds)[0] if folds is not None else np.zeros((len(images), 3), np.int64))
         self.ids = np.unique(cfp.identity[images])
         self.frontal = [images[(cfp.identity[images] == i) & ~cfp.profile[images]] for i in self.ids]
         self.profiles = [images[(cfp.identity[images] == i) & cfp.profile[images]] for i in self.ids]
-        if len(self.ids) < 2 or min(map(len, self.frontal)) < 2 or min(map(len, self.profiles)) < 1:
+        if cfp.layout == "folders":
+            self.frontal = self.profiles = [images[cfp.identity[images] == i] for i in self.ids]
+            if len(self.ids) < 2 or min(map(len, self.frontal)) < 2:
+                raise DataError("--pairs-from identities needs 2+ identities with 2+ images each")
+        elif len(self.ids) < 2 or min(map(len, self.frontal)) < 2 or min(map(len, self.profiles)) < 1:
             raise DataError("--pairs-from identities needs 2+ identities with 2+ frontal and 1+ profile image each")
 
     def new_epoch(self, seed, epoch):
@@ -544,7 +726,40 @@ class ImageSet:
 # Command line
 
 
+def to_folders(root, out, folds=None):
+    """A CFP root's images (of the identities of these folds) as out/IDENTITY/{frontal,profile}_NN.jpg links."""
+    cfp = load_cfp(root)
+    if os.path.isdir(out) and os.listdir(out):
+        raise UserError(f"--to-folders: {out} is not empty; choose another folder")
+    for k in folds or []:
+        if k not in cfp.folds:
+            raise UserError(f"--folds: no fold {k} (1..{len(cfp.folds)})")
+    images = cfp.images_of(folds) if folds else np.arange(len(cfp.paths))
+    for i in images:
+        d = os.path.join(out, cfp.names[cfp.identity[i]])
+        os.makedirs(d, exist_ok=True)
+        kind = "profile" if cfp.profile[i] else "frontal"
+        os.symlink(os.path.abspath(cfp.paths[i]), os.path.join(d, f"{kind}_{os.path.basename(cfp.paths[i])}"))
+    print(f"linked {len(images)} images of {len(np.unique(cfp.identity[images]))} identities"
+          f"{f' (folds {folds})' if folds else ''} into {out}")
+
+
+def check_folders(ds, workers):
+    counts = np.bincount(ds.identity)
+    print(f"dataset      {ds.root} (identity folders)")
+    print(f"identities   {len(ds.names)} ({int((counts >= 2).sum())} with 2+ images)")
+    print(f"images       {len(ds.paths)} ({counts.min()}-{counts.max()} per identity, median {np.median(counts):g})")
+    problems = check_decoding(ds.paths, workers)
+    for p in problems[:10]:
+        print(f"problem: {p}")
+    if problems:
+        raise DataError(f"{ds.root}: {len(problems)} images cannot be decoded, the first: {problems[0]}")
+    print(f"decoded      all {len(ds.paths)} images: OK")
+
+
 def check(root, workers):
+    if load_dataset(root).layout == "folders":
+        return check_folders(load_dataset(root), workers)
     cfp = load_cfp(root)
     n_front = int((~cfp.profile).sum())
     print(f"dataset      {root}")
@@ -633,6 +848,17 @@ def get_args_parser():
     g = parser.add_mutually_exclusive_group(required=True)
     g.add_argument("--check", metavar="DIR", type=str, help="summarise and verify a CFP-layout dataset folder")
     g.add_argument("--make-toy", metavar="DIR", type=str, help="write the synthetic toy dataset into DIR")
+    g.add_argument("--make-toy-folders", metavar="DIR", type=str,
+                   help="write synthetic toy faces as identity folders, DIR/IDENTITY/NAME.jpg")
+    g.add_argument("--to-folders", metavar=("CFP_ROOT", "DIR"), type=str, nargs=2,
+                   help="link the images of a CFP root's identities into DIR as identity folders")
+    parser.add_argument("--folds", type=int, nargs="+", default=None,
+                        help="with --to-folders: only the identities of these folds (default: all)")
+    parser.add_argument("--identities", type=int, default=100, help="--make-toy-folders: identities (default: 100)")
+    parser.add_argument("--per-identity", type=int, default=14,
+                        help="--make-toy-folders: images per identity (default: 14)")
+    parser.add_argument("--max-size", type=int, default=88,
+                        help="--make-toy-folders: largest image side; the smallest is half of it (default: 88)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     parser.add_argument("--seed", type=int, default=0, help="toy dataset seed (default: 0)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -646,6 +872,17 @@ def main(args):
         from toy import make_toy
         make_toy(args.make_toy, seed=args.seed)
         print(f"wrote the synthetic toy dataset to {args.make_toy}")
+    elif args.make_toy_folders:
+        from toy import make_toy_folders
+        if os.path.isdir(args.make_toy_folders) and os.listdir(args.make_toy_folders):
+            raise UserError(f"--make-toy-folders {args.make_toy_folders}: the folder is not empty; choose another")
+        if args.identities < 2 or args.per_identity < 2 or args.max_size < 16:
+            raise UserError("--make-toy-folders needs --identities and --per-identity of 2 or more, --max-size 16+")
+        make_toy_folders(args.make_toy_folders, args.identities, args.per_identity,
+                         (args.max_size // 2, args.max_size + 1), args.seed)
+        print(f"wrote {args.identities} x {args.per_identity} synthetic toy faces to {args.make_toy_folders}")
+    elif args.to_folders:
+        to_folders(*args.to_folders, args.folds)
     else:
         check(args.check, args.workers)
 

@@ -4,6 +4,8 @@
     python evaluate.py RUN_DIR --folds 9 10         FF and FP metrics on any folds' pairs
     python evaluate.py RUN_DIR --pair A.jpg B.jpg   same person or not?
     python evaluate.py RUN_DIR --pairs LIST.txt     one "A B" path pair per line -> CSV
+    python evaluate.py RUN_DIR --benchmark cfp --data-root CFP   the literature's CFP-FF/FP protocol (10 folds)
+    python evaluate.py RUN_DIR --export embedder.pt2  the embedding network as one file torch alone loads
     python evaluate.py --summarize runs/            Markdown table of every run (10-fold runs grouped)
     python evaluate.py --summarize results --out results/README.md    the results page, regenerated
 """
@@ -11,6 +13,7 @@ import argparse
 import contextlib
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -23,10 +26,10 @@ import numpy as np
 import torch
 
 from align import Aligner
-from data import (KINDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, open_image, preprocess, quote,
-                  split_folds)
+from data import (KINDS, NUM_FOLDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, load_dataset,
+                  open_image, preprocess, quote, read_pair_file, split_folds)
 from landmarks import FaceFinder, align_photos
-from metrics import report, roc, tar_at_far, thresholds_by_kind
+from metrics import accuracy, best_threshold, report, roc, tar_at_far, thresholds_by_kind, verification_metrics
 from models import build_model, pair_score
 from plots import plot_pair
 from utils import (UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, load_weights, run_cli,
@@ -326,8 +329,10 @@ def run_row(run, root):
     name = os.path.relpath(run, root) if os.path.relpath(run, root) != "." else os.path.basename(run)
     config = read_json(os.path.join(run, "config.json"))
     a = config["args"]
-    row = [name, config.get("dataset") or dataset_label(a["data_root"]),
-           a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else ""),
+    layout = (config.get("data") or {}).get("layout", "cfp")
+    protocol = a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else "")
+    row = [name, (config.get("dataset") or dataset_label(a["data_root"])) + (" folders" if layout != "cfp" else ""),
+           protocol if layout == "cfp" or a.get("eval_root") else "held-out",
            f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"], str(a["img_size"]),
            view_of(a), _fmt((config.get("built") or {}).get("scale") or a.get("scale"), 0),
            _fmt(a.get("dropout") or 0.0, 1) if a["loss"] in ("arcface", "cosface") else "",
@@ -341,8 +346,9 @@ def run_row(run, root):
         return row + ["", pretrained, f"running or stopped: epoch {done}/{a['epochs']}"] + [""] * 6, a, None
     m = read_json(os.path.join(run, "metrics.json"))
     t = m["test"]
-    cells = [float(x) for x in (m["val_acc"], m["test_acc"], t["FF"]["acc"], t["FP"]["acc"], t["FF"]["auc"],
-                                t["FP"]["auc"])]
+    kind = lambda k, key: t.get(k, {}).get(key, float("nan"))  # held-out identity-folder pairs have no FF, FP
+    cells = [float(x) for x in (m["val_acc"], m["test_acc"], kind("FF", "acc"), kind("FP", "acc"), kind("FF", "auc"),
+                                kind("FP", "auc"))]
     return row + [str(m.get("steps", "")), pretrained, *map(_fmt, cells), str(m["best_epoch"])], a, m
 
 
@@ -446,6 +452,13 @@ def get_args_parser():
     p.add_argument("--paste", type=float, default=None, metavar="FRACTION",
                    help="with --align predicted, fold evaluation: each photo first pasted at a random place into "
                         "a picture 1/FRACTION its width, on a background cut from other photos (default: off)")
+    p.add_argument("--benchmark", type=str, default=None, choices=["cfp"],
+                   help="cfp: all ten folds' FF and FP pairs of --data-root, fold K's threshold chosen on the other "
+                        "nine, mean +- std, AUC and EER per kind, as the literature reports CFP; only for a run "
+                        "that never trained on CFP's people")
+    p.add_argument("--export", type=str, default="", metavar="PATH",
+                   help="write the run's embedding network (arch 2) with its preprocessing as one torch.export "
+                        "file (.pt2) that torch alone loads (export.py)")
     p.add_argument("--summarize", type=str, nargs="?", const="runs", default=None, metavar="DIR",
                    help="print a table of every run under DIR (default DIR: runs)")
     p.add_argument("--out", type=str, default="", help="with --summarize: also write the table to this file")
@@ -460,7 +473,7 @@ def get_args_parser():
 
 
 def main(args):
-    for flag, path in (("--json", args.json), ("--show", args.show), ("--out", args.out)):
+    for flag, path in (("--json", args.json), ("--show", args.show), ("--out", args.out), ("--export", args.export)):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
     if args.summarize is not None:
@@ -475,6 +488,8 @@ def main(args):
     check_landmark_flags(args)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     model, ckpt = load_model(args.run, device)
+    if args.export:
+        return export_run(args, model, ckpt, device)
     net = args.landmark_net or ckpt["args"].get("landmark_net", "")  # default: the one the run was trained with
     finder = FaceFinder.load(net, device) if net else None
     if finder is not None and aligner_of(ckpt) is None:
@@ -484,6 +499,10 @@ def main(args):
         return verify_one_pair(args, model, ckpt, device, photos)
     if args.pairs:
         return verify_pair_list(args, model, ckpt, device, photos)
+    if args.benchmark:
+        return benchmark_cfp(args, model, ckpt, device, finder)
+    if ckpt["args"].get("eval_root") == "" and not args.folds and is_held_out_run(args.run):
+        return evaluate_held_out(args, model, ckpt, device)
     return evaluate_folds(args, model, ckpt, device, finder)
 
 
@@ -562,7 +581,8 @@ def landmark_tables(folder):
 
 def summarize_runs(args):
     """--summarize: the table of every run under a folder (a page of sections when the folder has about.md)."""
-    page = os.path.isfile(os.path.join(args.summarize, "about.md"))
+    page = os.path.isfile(os.path.join(args.summarize, "about.md")) and not any(  # a page of folders of runs
+        os.path.isfile(os.path.join(d.path, "config.json")) for d in os.scandir(args.summarize) if d.is_dir())
     table, raw = results_page(args.summarize) if page else summarize(args.summarize)
     print(table, end="")
     if args.out:
@@ -614,9 +634,10 @@ def evaluate_folds(args, model, ckpt, device, finder=None):
     """Fold evaluation: each asked fold's FF and FP pairs in its role for this run, at thresholds chosen on the
     run's own validation folds (under the same TTA)."""
     a = ckpt["args"]
-    root = args.data_root or (a["data_root"] if os.path.isdir(a["data_root"]) else os.environ.get("CFP_ROOT", ""))
-    if not args.data_root and root != a["data_root"]:
-        print(f"data: the run's --data-root {a['data_root']} is not there; reading $CFP_ROOT={root}")
+    own = a.get("eval_root") or a["data_root"]  # an identity-folder run validated and tested on --eval-root
+    root = args.data_root or (own if os.path.isdir(own) else os.environ.get("CFP_ROOT", ""))
+    if not args.data_root and root != own:
+        print(f"data: the run's --data-root {own} is not there; reading $CFP_ROOT={root}")
     cfp = load_cfp(root)
     roles = split_folds(a["protocol"], a.get("test_fold"))
     for k in args.folds or []:
@@ -670,6 +691,122 @@ def fold_bank(args, cfp, needed, ckpt, device, finder):
         raise UserError(f"--paste: {cfp.root} has no landmark files to tell where the pasted faces are")
     images, landmarks = align_photos(cfp, needed, finder, aligner_of(ckpt), a["img_size"], args.paste)
     return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
+
+
+# ---------------------------------------------------------------------------
+# Identity-folder runs, the literature's CFP benchmark, export
+
+
+def run_dir(path):
+    return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+
+
+def is_held_out_run(path):
+    return os.path.isfile(os.path.join(run_dir(path), "pairs_val.txt"))
+
+
+def evaluate_held_out(args, model, ckpt, device):
+    """A run trained on identity folders with held-out identities: its own pairs_val.txt and pairs_test.txt,
+    the test at the threshold chosen on the validation pairs."""
+    a = ckpt["args"]
+    ds = load_dataset(args.data_root or a["data_root"])
+    sets = {role: read_pair_file(os.path.join(run_dir(args.run), f"pairs_{role}.txt"), ds) for role in ("val", "test")}
+    bank = ImageBank(ds, np.concatenate([p[:, :2].ravel() for p in sets.values()]), a["img_size"], args.workers,
+                     device=device if device.type == "cuda" else "cpu", resize=a.get("resize", "pad"))
+    autocast, out = amp_autocast(device, a.get("amp", False)), {"checkpoint": args.run, "data_root": ds.root}
+    res = {role: evaluate(model, bank, p, None, args.batch_size, device, autocast=autocast) for role, p in sets.items()}
+    threshold = best_threshold(res["val"]["scores"], res["val"]["labels"])[0]
+    for role in ("val", "test"):
+        out[role] = {"role": ROLE_NAMES[role], "pairs_file": f"pairs_{role}.txt",
+                     "all": verification_metrics(res[role]["scores"], res[role]["labels"], threshold)}
+        print(describe(f"{ROLE_NAMES[role]}, held-out identities ({out[role]['pairs_file']})", out[role]))
+    if args.json:
+        write_json(args.json, out)
+
+
+def cfp_training_images(ckpt, cfp):
+    """Why a run's network has seen CFP's people (a sentence), or None: trained on a CFP-layout root, or on
+    identity folders whose images are CFP's own files (linked or copied there)."""
+    a = ckpt["args"]
+    if not a.get("eval_root") and not os.path.isdir(a["data_root"]):
+        return f"its training data {a['data_root']} is not there to show it is not CFP"
+    ds = load_dataset(a["data_root"])
+    if ds.layout == "cfp":
+        return f"it trained on the CFP-layout dataset {a['data_root']} (folds {split_folds(a['protocol'], a.get('test_fold'))['train']})"
+    cfp_files = {os.path.realpath(p) for p in cfp.paths}
+    sizes = {os.path.getsize(p) for p in cfp.paths}
+    linked = sum(os.path.realpath(p) in cfp_files for p in ds.paths)
+    if linked:
+        return f"{linked} of its {len(ds.paths)} training images are {cfp.root}'s own files"
+    copied = [p for p in ds.paths if os.path.getsize(p) in sizes]  # then compare the bytes of those only
+    copied_sizes = {os.path.getsize(p) for p in copied}
+    digests = {file_digest(p) for p in cfp.paths if os.path.getsize(p) in copied_sizes}
+    same = sum(file_digest(p) in digests for p in copied)
+    return f"{same} of its {len(ds.paths)} training images are copies of {cfp.root}'s" if same else None
+
+
+def file_digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
+
+
+def benchmark_cfp(args, model, ckpt, device, finder=None):
+    """--benchmark cfp: every fold's FF and FP pairs scored once; fold K's accuracy at the threshold that is
+    best on the other nine folds' pairs of the same kind (insightface's protocol); mean +- sample std over
+    the ten folds, and AUC and EER of all 3500 pairs of each kind."""
+    cfp = load_cfp(args.data_root or os.environ.get("CFP_ROOT", ""))
+    seen = cfp_training_images(ckpt, cfp)
+    if seen:
+        raise UserError(f"--benchmark cfp: {args.run} cannot be benchmarked on {cfp.root}: {seen}; the benchmark "
+                        f"would test on people it trained on")
+    t = time.time()
+    pairs, kinds = cfp.pairs(range(1, NUM_FOLDS + 1))
+    fold = np.concatenate([np.full(len(cfp.folds[k][kind]), k) for k in range(1, NUM_FOLDS + 1) for kind in KINDS])
+    bank, landmarks = fold_bank(args, cfp, np.unique(pairs[:, :2]), ckpt, device, finder)
+    res = evaluate(model, bank, pairs, None, args.batch_size, device,
+                   autocast=amp_autocast(device, ckpt["args"].get("amp", False)))
+    out = {"checkpoint": args.run, "data_root": cfp.root, "protocol": "CFP 10 folds, each fold's threshold chosen "
+           "on the other nine", "landmarks": landmarks}
+    for kind in KINDS:
+        s, y, k = res["scores"][kinds == kind], res["labels"][kinds == kind], fold[kinds == kind]
+        accs = [accuracy(s[k == f], y[k == f], best_threshold(s[k != f], y[k != f])[0])
+                for f in range(1, NUM_FOLDS + 1)]
+        pooled = verification_metrics(s, y, best_threshold(s, y)[0])
+        out[kind] = {"acc_mean": float(np.mean(accs)), "acc_std": float(np.std(accs, ddof=1)),
+                     "acc_folds": [round(a, 4) for a in accs], "auc": pooled["auc"], "eer": pooled["eer"],
+                     **{m: pooled[m] for m in pooled if m.startswith("tar@")}, "pairs": len(s)}
+        print(f"CFP-{kind}: {100 * out[kind]['acc_mean']:.2f} +- {100 * out[kind]['acc_std']:.2f}  AUC "
+              f"{pooled['auc']:.4f}  EER {pooled['eer']:.4f}  ({len(s)} pairs; folds "
+              f"{' '.join(f'{a:.3f}' for a in accs)})")
+    print(f"total {time.time() - t:.1f}s")
+    if args.json:
+        write_json(args.json, out)
+
+
+def export_run(args, model, ckpt, device):
+    """--export PATH: the embedder file, checked against the run's own embeddings before it is kept."""
+    import export
+    if ckpt["args"]["arch"] != 2:
+        raise UserError(f"--export: {args.run} is an --arch 1 run, whose pairs are judged by its decision network, "
+                        f"not by comparing embeddings; only --arch 2 runs export an embedder")
+    if os.path.exists(args.export):
+        raise UserError(f"--export {args.export} already exists; remove it or choose another path")
+    tmp = f"{args.export}.tmp{os.getpid()}.pt2"  # torch.export's archives are named .pt2
+    try:
+        export.export(model, ckpt, tmp)
+        loaded, prep = export.load(tmp)
+        size = ckpt["args"]["img_size"]
+        x = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((loaded(x) - model.embed(preprocess(x))).abs().max())
+        if diff > 1e-4:
+            raise UserError(f"--export: the exported embedder differs from the network by {diff:.2e}; not written")
+        os.replace(tmp, args.export)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {args.export}: {prep['img_size']}px {prep['input']}; float32, max difference from the network "
+          f"{diff:.1e} on 3 test images")
 
 
 if __name__ == "__main__":

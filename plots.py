@@ -85,11 +85,17 @@ def plot_curves(history, steps, steps_per_epoch, best_epoch, path):
     _save(fig, path)
 
 
+def kinds_of(kinds):
+    """The pair kinds present, CFP's FF and FP first (identity-folder pairs have the one kind 'pairs')."""
+    present = list(dict.fromkeys(np.asarray(kinds).tolist()))
+    return [k for k in KINDS if k in present] + [k for k in present if k not in KINDS]
+
+
 def plot_roc(scores, labels, kinds, path, title=""):
-    """ROC curves for FF and FP, FAR on a log axis."""
+    """ROC curves for FF and FP (or whatever kinds the pairs have), FAR on a log axis."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 4))
-    for kind in KINDS:
+    for kind in kinds_of(kinds):
         sel = kinds == kind
         if sel.any() and 0 < labels[sel].sum() < sel.sum():
             fpr, tpr, _ = roc(scores[sel], labels[sel])
@@ -112,8 +118,8 @@ def _pair_image(a, b):
 def worst_errors(scores, labels, kinds, thresholds, per_group=8):
     """{(kind, "false accepts" | "false rejects"): (pair rows, most confidently wrong first; how many in all)}."""
     out = {}
-    for kind in KINDS:
-        t = thresholds[kind]
+    for kind in kinds_of(kinds):
+        t = thresholds.get(kind, thresholds["all"])
         fa = np.flatnonzero((kinds == kind) & (labels == 0) & (scores >= t))
         fr = np.flatnonzero((kinds == kind) & (labels == 1) & (scores < t))
         out[kind, "false accepts"] = fa[np.argsort(-scores[fa], kind="stable")][:per_group], len(fa)
@@ -134,7 +140,8 @@ def plot_errors(bank, pairs, kinds, scores, thresholds, path, per_group=8, title
                 i = rows[col]
                 ax.imshow(_pair_image(*bank[[pairs[i, 0], pairs[i, 1]]]))
                 ax.set_title(f"{scores[i]:.3f}", fontsize=8, color="C3")
-        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{total} in all\nthreshold {thresholds[kind]:.3f}",
+        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{total} in all\n"
+                                      f"threshold {thresholds.get(kind, thresholds['all']):.3f}",
                           transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
     fig.suptitle(title or "most confident test errors (score above each pair)", fontsize=9)
     fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.01, wspace=0.08, hspace=0.35)

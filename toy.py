@@ -4,6 +4,7 @@ It lets every path of the project run in seconds with no download:
 
     python data.py --make-toy toy
     python train.py --data-root toy ...      (a folder named toy that does not exist yet is written first)
+    python data.py --make-toy-folders DIR    the same faces as identity folders, DIR/IDENTITY/NAME.jpg, any size
 """
 import colorsys
 import os
@@ -50,6 +51,25 @@ def make_toy(out, num_ids=100, same_per_kind=25, size_range=(40, 88), seed=0):
                 "nothing about real face verification; use it to try the pipeline without a download.\n"
                 f"{num_ids} identities, 10 frontal + 4 profile images each, 10 identity-disjoint folds,\n"
                 f"{same_per_kind} same + {same_per_kind} diff pairs per fold for FF and for FP.\n")
+
+
+def make_toy_folders(out, num_ids=100, per_id=14, size_range=(40, 88), seed=0):
+    """The toy faces in the identity-folder layout: out/idNNNNN/{frontal,profile}_NN.jpg, per_id images per
+    identity, one in 3.5 of them turned sideways (as the toy CFP's 4 profiles in 14). With more identities
+    than distinct drawn people (1152 x 9 proportions), identities repeat; the measurements that use so many
+    (memory, images/s) do not depend on it."""
+    rng = np.random.RandomState(seed)
+    people = draw_people(rng, min(num_ids, 16 ** 3 * 9))
+    for i in range(num_ids):
+        d = os.path.join(out, f"id{i + 1:05d}")
+        os.makedirs(d, exist_ok=True)
+        for n in range(per_id):
+            profile = n % 7 >= 5
+            name = f"{'profile' if profile else 'frontal'}_{n + 1:02d}.jpg"
+            draw_face(rng, people[i % len(people)], profile, size_range).save(os.path.join(d, name), quality=90)
+    with open(os.path.join(out, "Readme.txt"), "w") as f:
+        f.write(f"SYNTHETIC toy faces as identity folders, written by `python data.py --make-toy-folders`: drawn "
+                f"cartoon faces, not people. {num_ids} identities, {per_id} images each.\n")
 
 
 def draw_people(rng, num_ids):

@@ -22,9 +22,10 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from align import ALIGN_MODES, Aligner
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, load_cfp, open_image,
-                  preprocess, split_folds)
+from align import ALIGN_MODES, NUM_POINTS, Aligner
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, draw_pairs,
+                  holdout_identities, join, load_cfp, load_dataset, open_image, preprocess, read_pair_file,
+                  split_folds, write_pair_file)
 from evaluate import dataset_label, evaluate, write_scores
 from landmarks import FaceFinder
 from losses import ARCH_LOSSES, LOSSES, build_loss
@@ -37,17 +38,17 @@ from utils import (DiskFull, RunLock, UserError, all_reduce_mean, amp_autocast, 
                    run_cli, write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
-             "test_scores.csv", "errors.png", "inputs.png")
+             "test_scores.csv", "errors.png", "inputs.png", "pairs_val.txt", "pairs_test.txt")
 # A checkpoint is only usable with the flags that shaped its network and loss ...
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "pairs_from", "resize", "align", "align_margin", "landmark_net",
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align", "align_margin", "landmark_net",
                          "augment", "jitter",
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
 EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0, "align": "none", "align_margin": 1.25,
-                    "maxpool": True, "landmark_net": ""}
+                    "maxpool": True, "landmark_net": "", "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -88,8 +89,15 @@ def get_args_parser():
 
     g = p.add_argument_group("data")
     g.add_argument("--data-root", type=str, default=os.environ.get("CFP_ROOT", "cfp-dataset"),
-                   help="CFP folder in the official layout (default: $CFP_ROOT, else ./cfp-dataset); a folder "
-                        "named toy that does not exist yet is written first with the synthetic toy dataset")
+                   help="CFP folder in the official layout, or any face dataset as one folder per identity "
+                        "(ROOT/IDENTITY/*.jpg, told apart by the layout) (default: $CFP_ROOT, else ./cfp-dataset); "
+                        "a folder named toy that does not exist yet is written first with the synthetic toy dataset")
+    g.add_argument("--eval-root", type=str, default="", metavar="CFP_ROOT",
+                   help="identity-folder --data-root: validate and test on this CFP root's folds of --protocol "
+                        "(default: pairs drawn once from held-out identities, saved in the run folder)")
+    g.add_argument("--holdout", type=float, default=0.1,
+                   help="identity-folder --data-root without --eval-root: the fraction of identities held out "
+                        "for validation, and as many for test (default: 0.1)")
     g.add_argument("--protocol", type=str, default="seed", choices=["seed", "10fold"],
                    help="seed: folds 1-6 train, 7-8 val, 9-10 test; 10fold: test --test-fold K, "
                         "validate on K+1, train on the other 8 (default: seed)")
@@ -120,6 +128,9 @@ def get_args_parser():
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
                    help="keep decoded images on disk here, so later runs start at once (default: off)")
+    g.add_argument("--bank-memory", type=float, default=None, metavar="GIB",
+                   help="decoded images beyond this many GiB are kept in a memory-mapped file in --cache-dir, "
+                        "decoded chunk by chunk, instead of in memory (default: half of this machine's memory)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--optimizer", type=str, default="adam", choices=["adam", "sgd"],
@@ -196,6 +207,9 @@ def check_ranges(args):
     need(args.embed_dim <= 65536, "embed_dim", "at most 65536")
     need(args.img_size >= 32, "img_size", "at least 32 (five stride-2 stages)")
     need(args.scale is None or args.scale > 0, "scale", "positive")
+    need(0 < args.holdout < 0.5, "holdout", "in (0, 0.5)")
+    need(args.bank_memory is None or (math.isfinite(args.bank_memory) and args.bank_memory >= 0), "bank_memory",
+         "a non-negative number of GiB")
     if args.margin is not None and args.loss in MARGIN_RANGE:
         low, high = MARGIN_RANGE[args.loss]
         need(low <= args.margin <= high, "margin", f"in [{low:g}, {high:g}] for --loss {args.loss}")
@@ -401,8 +415,8 @@ def validate(model, bank, pairs, kinds, criterion, args, ctx):
     chosen = thresholds_by_kind(val["scores"], val["labels"], kinds)
     same = val["labels"] == 1
     row = {"val_loss": val["loss"], "val_acc": chosen["all"][1], "threshold": chosen["all"][0]}
-    for kind in KINDS:
-        row[f"val_acc_{kind}"], row[f"threshold_{kind}"] = chosen[kind][1], chosen[kind][0]
+    for kind in KINDS:  # NaN where there are no pairs of a kind (held-out pairs of identity folders)
+        row[f"val_acc_{kind}"], row[f"threshold_{kind}"] = chosen.get(kind, (math.nan, math.nan))[::-1]
     row["val_score_same"] = float(val["scores"][same].mean())  # the cosine, for arch 2: collapse shows here
     row["val_score_diff"] = float(val["scores"][~same].mean())
     return row
@@ -513,43 +527,83 @@ def prepare_data(run, resume):
         log(f"wrote the synthetic toy dataset (drawn cartoon faces, not people) to {args.data_root}")
     if run.world > 1:
         dist.barrier()
-    run.cfp = cfp = load_cfp(args.data_root)
+    run.cfp, run.folds, train_images, (run.val_pairs, run.val_kinds), (run.test_pairs, run.test_kinds) = \
+        split_data(args, resume)
+    cfp, folds = run.cfp, run.folds
     if resume and resume.get("fingerprint") not in (None, cfp.fingerprint):
         raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
                         f"files or image list differ); use the run's own --data-root, or another --out")
-    run.folds = folds = split_folds(args.protocol, args.test_fold)
-    run.val_pairs, run.val_kinds = cfp.pairs(folds["val"])
-    run.test_pairs, run.test_kinds = cfp.pairs(folds["test"])
-    check_held_out(cfp, folds, run.val_pairs, run.test_pairs)
+    check_held_out(cfp, folds, train_images, run.val_pairs, run.test_pairs)
     run.landmarks = place_landmarks(args, cfp, log)
-    run.aligner = build_aligner(args, cfp, folds["train"], resume)
+    run.aligner = build_aligner(args, cfp, train_images, resume)
     if LOSSES[args.loss].sampling == "images":
-        run.train_set = ImageSet(cfp.images_of(folds["train"]), cfp.identity)
+        run.train_set = ImageSet(train_images, cfp.identity)
     elif args.pairs_from == "identities":
-        run.train_set = IdentityPairSet(cfp, folds["train"])
+        run.train_set = IdentityPairSet(cfp, folds["train"]) if cfp.layout == "cfp" else \
+            IdentityPairSet(cfp, images=train_images)
+    elif cfp.layout == "folders":
+        raise UserError("--pairs-from protocol: an identity-folder dataset has no protocol pairs; use identities")
     else:
         run.train_set = PairSet(cfp.pairs(folds["train"])[0])
-    needed = np.concatenate([cfp.images_of(folds["train"]), run.val_pairs[:, :2].ravel(),
-                             run.test_pairs[:, :2].ravel()])
+    needed = np.concatenate([train_images, run.val_pairs[:, :2].ravel(), run.test_pairs[:, :2].ravel()])
     t = time.time()
     run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
-                         run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
+                         run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner,
+                         memory_gib=args.bank_memory)
+    if cfp.layout == "folders":
+        log(f"data: {args.data_root} is an identity-folder dataset: {len(np.unique(cfp.identity[train_images]))} "
+            f"training identities, {len(train_images)} images; validation and test "
+            + (f"on {args.eval_root}, protocol {args.protocol}" if args.eval_root else
+               f"on pairs of held-out identities ({os.path.join(args.out, 'pairs_val.txt')}, pairs_test.txt)"))
     log(f"data: {len(run.train_set)} training {run.train_set.sampling} per epoch (folds {folds['train']}"
         f"{', drawn from identities' if isinstance(run.train_set, IdentityPairSet) else ''}), {len(run.val_pairs)} "
         f"validation pairs {folds['val']}, {len(run.test_pairs)} test pairs {folds['test']}; "
         f"{len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in {time.time() - t:.1f}s")
 
 
-def check_held_out(cfp, folds, val_pairs, test_pairs):
+def split_data(args, resume):
+    """(dataset, folds, training images, validation and test (pairs, kinds)) for a CFP layout (its folds), an
+    identity-folder dataset validated and tested on --eval-root's CFP folds, or one with held-out identities
+    (pairs drawn once with the seed, kept in the run folder as pairs_val.txt and pairs_test.txt)."""
+    ds = load_dataset(args.data_root)
+    if ds.layout == "cfp":
+        if args.eval_root:
+            raise UserError(f"--eval-root is for identity-folder training data; {args.data_root} is a CFP-layout "
+                            f"dataset, which validates and tests on its own folds")
+        folds = split_folds(args.protocol, args.test_fold)
+        return ds, folds, ds.images_of(folds["train"]), ds.pairs(folds["val"]), ds.pairs(folds["test"])
+    if args.eval_root:
+        n, roles = len(ds.paths), split_folds(args.protocol, args.test_fold)
+        ds = join(ds, load_cfp(args.eval_root))
+        folds = {"train": f"identity folders of {args.data_root}", "val": roles["val"], "test": roles["test"]}
+        return ds, folds, np.arange(n), ds.pairs(roles["val"]), ds.pairs(roles["test"])
+    train_ids, *held_out = holdout_identities(ds, args.seed, args.holdout)
+    pairs = []
+    for role, ids in zip(("val", "test"), held_out):
+        path = os.path.join(args.out, f"pairs_{role}.txt")
+        rows = read_pair_file(path, ds) if resume and os.path.isfile(path) else draw_pairs(ds, ids, args.seed)
+        pairs.append((rows, np.full(len(rows), "pairs")))
+    folds = {"train": f"{len(train_ids)} identities", "val": f"{len(held_out[0])} held-out identities",
+             "test": f"{len(held_out[1])} held-out identities"}
+    return ds, folds, np.flatnonzero(np.isin(ds.identity, train_ids)), *pairs
+
+
+def check_held_out(cfp, folds, train_images, val_pairs, test_pairs):
     """Training never sees a validation or test person or image, on any protocol; a layout that makes every
     image its own identity (a flattened folder) is refused before anything is trained."""
-    train_images = cfp.images_of(folds["train"])
     if len(np.unique(cfp.identity[train_images])) == len(train_images):
         raise UserError(f"{cfp.root}: every training image is its own identity; is the layout "
-                        f"Data/Images/<identity>/{{frontal,profile}}/NN.jpg?")
+                        f"Data/Images/<identity>/{{frontal,profile}}/NN.jpg (CFP) or IDENTITY/NAME.jpg (folders)?")
     held_out = np.unique(np.concatenate([val_pairs[:, :2].ravel(), test_pairs[:, :2].ravel()]))
     shared_ids = np.intersect1d(cfp.identity[train_images], cfp.identity[held_out])
     shared_images = np.intersect1d(train_images, held_out)
+    names = np.array(cfp.names or [], dtype=object)
+    same_names = cfp.layout == "folders" and \
+        set(names[cfp.identity[train_images]]) & {n.split(":")[-1] for n in names[cfp.identity[held_out]]}
+    if same_names:
+        print(f"warning: {len(same_names)} training identity folders have the names of validation or test "
+              f"identities (e.g. {sorted(same_names)[0]!r}): if they are the same people, the test is not "
+              f"held out", file=sys.stderr)
     if len(shared_ids) or len(shared_images):
         raise UserError(f"{cfp.root}: {len(shared_ids)} identities and {len(shared_images)} images of the validation "
                         f"or test folds {folds['val'] + folds['test']} are also in the training folds; the folds "
@@ -636,7 +690,10 @@ def record_run(run, resume):
                           "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
                           "dataset": dataset_label(args.data_root), "dataset_fingerprint": run.cfp.fingerprint,
                           "selected_by": SELECTED_BY, "built": built,
-                          "aligner": aligner, "landmarks": run.landmarks})
+                          "aligner": aligner, "landmarks": run.landmarks, "data": data_record(run)})
+        if run.cfp.layout == "folders" and not args.eval_root:  # the held-out pairs, for reruns and evaluate.py
+            for role, pairs in (("val", run.val_pairs), ("test", run.test_pairs)):
+                write_pair_file(os.path.join(args.out, f"pairs_{role}.txt"), run.cfp, pairs)
     else:
         try:
             with open(path) as f:
@@ -650,6 +707,19 @@ def record_run(run, resume):
     plot_inputs(input_samples(run.train_set, run.bank, run.val_pairs, run.cfp, args),
                 os.path.join(args.out, "inputs.png"),
                 title=f"{os.path.basename(args.out)}: what the network sees ({view_name(args)}, {args.img_size}px)")
+
+
+def data_record(run):
+    """What the run trained and was tested on, for config.json."""
+    cfp, args = run.cfp, run.args
+    if cfp.layout == "cfp":
+        return {"layout": "cfp", "protocol": args.protocol, "folds": run.folds}
+    train = np.unique(cfp.identity[np.concatenate(run.train_set.frontal)] if hasattr(run.train_set, "frontal")
+                      else cfp.identity[run.train_set.indices])
+    return {"layout": "identity folders", "training_identities": len(train),
+            "evaluated_on": f"CFP root {args.eval_root}, protocol {args.protocol}" if args.eval_root else
+            f"held-out identities ({args.holdout:g} each for validation and test): pairs_val.txt, pairs_test.txt",
+            "folds": run.folds}
 
 
 def train_epochs(run):
@@ -674,9 +744,10 @@ def train_epochs(run):
         val_loss = f", val loss {val['val_loss']:.4f}" if math.isfinite(val["val_loss"]) else ""
         run.log(f"epoch {epoch + 1}/{args.epochs} done in {fmt_time(ctx['epoch_seconds'])}: train loss "
                 f"{stats['train_loss']:.4f}{val_loss}, val acc {val['val_acc']:.4f} (threshold "
-                f"{val['threshold']:.4f}), FF {val['val_acc_FF']:.4f} ({val['threshold_FF']:.4f}), FP "
-                f"{val['val_acc_FP']:.4f} ({val['threshold_FP']:.4f}); mean score same {val['val_score_same']:.3f} "
-                f"different {val['val_score_diff']:.3f}")
+                f"{val['threshold']:.4f})"
+                + "".join(f", {k} {val[f'val_acc_{k}']:.4f} ({val[f'threshold_{k}']:.4f})" for k in KINDS
+                          if math.isfinite(val[f"val_acc_{k}"]))
+                + f"; mean score same {val['val_score_same']:.3f} different {val['val_score_diff']:.3f}")
         if run.rank == 0:
             save_epoch(run, epoch, val)
         if args.max_steps and ctx["step"] >= args.max_steps:
@@ -731,40 +802,55 @@ def test_and_report(run):
                       f"(score above each pair; FF and FP each at its own validation threshold)")
     write_json(os.path.join(out, "metrics.json"), metrics)
     run.log(f"best epoch {metrics['best_epoch']}: val acc {metrics['val_acc']:.4f}; test acc "
-            f"{metrics['test_acc']:.4f} (threshold {r['all']['threshold']:.4f}), FF {r['FF']['acc']:.4f} (threshold "
-            f"{r['FF']['threshold']:.4f}), FP {r['FP']['acc']:.4f} (threshold {r['FP']['threshold']:.4f}) -> {out}")
+            f"{metrics['test_acc']:.4f} (threshold {r['all']['threshold']:.4f})"
+            + "".join(f", {k} {r[k]['acc']:.4f} (threshold {r[k]['threshold']:.4f})" for k in KINDS if k in r)
+            + f" -> {out}")
     return metrics
 
 
-def build_aligner(args, cfp, train_folds, resume=None):
+def build_aligner(args, cfp, train_images, resume=None):
     """--align resolved against the dataset, and the Aligner it asks for (None for --align none). Template
-    alignment takes its templates from the training folds' faces (or, resuming, from the checkpoint)."""
+    alignment takes its templates from the training faces (or, resuming, from the checkpoint)."""
+    missing = cfp.landmarks is None or np.isnan(cfp.landmarks).any()
     if args.align is None:
-        args.align = "template" if cfp.landmarks is not None or args.landmark_net else "none"
+        args.align = "template" if not missing or args.landmark_net else "none"
     if args.align == "none":
         return None
-    if cfp.landmarks is None:
-        raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files; "
-                        f"use --align none, or --landmark-net RUN to predict them")
+    if missing:
+        raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files for some "
+                        f"or all of its images; use --align none, or --landmark-net RUN to predict them")
     if resume and resume.get("aligner"):
         return Aligner(**resume["aligner"])
-    images = cfp.images_of(train_folds)
-    return Aligner.fit(args.align, args.align_margin, cfp.landmarks[images], cfp.profile[images])
+    try:
+        return Aligner.fit(args.align, args.align_margin, cfp.landmarks[train_images], cfp.profile[train_images])
+    except ValueError as e:  # a template needs faces of its pose among the training images
+        raise UserError(f"--align {args.align}: {e} among the training images of {args.data_root}; "
+                        f"use --align box") from None
 
 
-def place_landmarks(args, cfp, log):
-    """Where the faces' landmarks come from: the dataset's files, or (for a dataset without them, with
-    --landmark-net) the landmark network, run once over every image. -> the record config.json keeps."""
-    if cfp.landmarks is not None or not args.landmark_net or args.align == "none":
-        return {"source": "given" if cfp.landmarks is not None else "none"}
+def place_landmarks(args, cfp, log, chunk=256):
+    """Where the faces' landmarks come from: the dataset's files, or (for images without them, with
+    --landmark-net) the landmark network, run once over each such image, which also gives its pose.
+    -> the record config.json keeps."""
+    todo = np.arange(len(cfp.paths)) if cfp.landmarks is None else np.flatnonzero(np.isnan(cfp.landmarks).any((1, 2)))
+    if not len(todo) or not args.landmark_net or args.align == "none":
+        return {"source": "none" if cfp.landmarks is None else "given" if not len(todo) else "given for some"}
     finder = FaceFinder.load(args.landmark_net)
-    t = time.time()
-    found = finder.find_all([open_image(p) for p in cfp.paths])
-    cfp.landmarks = np.stack([f[0] for f in found])
-    missed = [p for p, f in zip(cfp.paths, found) if not f[3]]
-    log(f"landmarks: predicted for {len(found)} images by {args.landmark_net} in {time.time() - t:.0f}s; "
+    t, missed = time.time(), []
+    if cfp.landmarks is None:
+        cfp.landmarks = np.full((len(cfp.paths), NUM_POINTS, 2), np.nan)
+    for start in range(0, len(todo), chunk):  # a chunk of photos in memory at a time
+        rows = todo[start:start + chunk]
+        for i, (points, profile, _, ok) in zip(rows, finder.find_all([open_image(cfp.paths[i]) for i in rows])):
+            cfp.landmarks[i] = points
+            if cfp.layout == "folders":  # CFP's folders tell the pose; identity folders do not
+                cfp.profile[i] = profile
+            if not ok:
+                missed.append(cfp.paths[i])
+    log(f"landmarks: predicted for {len(todo)} images by {args.landmark_net} in {time.time() - t:.0f}s; "
         f"no face found in {len(missed)} (their best guess kept){': ' + ', '.join(missed[:3]) if missed else ''}")
-    return {"source": "predicted", **finder.source, "no_face_found": len(missed)}
+    return {"source": "predicted" if len(todo) == len(cfp.paths) else f"predicted for {len(todo)} images",
+            **finder.source, "no_face_found": len(missed)}
 
 
 def view_name(args):
@@ -780,7 +866,8 @@ def input_samples(train_set, bank, val_pairs, cfp, args, n=16):
     val = np.unique(val_pairs[:, :2])
     rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (train * 255).round().byte()}
     for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):
-        rows[name] = bank[val[sel][:: max(1, sel.sum() // n)][:n]]
+        if sel.any():
+            rows[name] = bank[val[sel][:: max(1, sel.sum() // n)][:n]]
     return rows
 
 

@@ -1,5 +1,6 @@
 """Run by test_train.py under torchrun: a few steps of 2-process gloo training. Each rank saves its weights,
-and every distributed feature extraction is checked against the same images embedded in one process."""
+and every distributed feature extraction is checked against the same images embedded in one process. The
+images are a memory-mapped bank (--bank-memory 0) that the two ranks decode half each."""
 import json
 import os
 import sys
@@ -45,4 +46,6 @@ evaluate.extract = checked_extract
 train.main(train.get_args_parser().parse_args([
     "--data-root", toy, "--out", os.path.join(out, "run"), "--arch", "1", "--backbone", "resnet18",
     "--no-pretrained", "--img-size", "32", "--batch-size", "4", "--epochs", "1", "--max-steps", "4",
-    "--lr", "1e-3", "--device", "cpu"]))
+    "--lr", "1e-3", "--device", "cpu",
+    # a bank over its memory budget: a memory-mapped file that each rank decodes its share of
+    "--cache-dir", os.path.join(out, "cache"), "--bank-memory", "0"]))

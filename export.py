@@ -1,0 +1,69 @@
+"""The embedding network of a run as one file that torch alone loads (torch.export), with its preprocessing.
+
+    python evaluate.py RUN --export embedder.pt2
+
+    import json, torch
+    extra = {"preprocessing.json": ""}
+    embedder = torch.export.load("embedder.pt2", extra_files=extra).module()
+    prep = json.loads(extra["preprocessing.json"])
+    f = embedder(faces)          # faces: (B, 3, S, S) uint8 RGB, S = prep["img_size"], as prep["input"] says
+    score = torch.nn.functional.cosine_similarity(f[0:1], f[1:2])   # same person when >= prep["thresholds"]
+
+The file holds the network in float32: it reproduces an fp32 run's embeddings to about 1e-6. A run trained
+with --amp embeds in bf16; measured on one such run (64 CFP images), the exported float32 embeddings differ
+from its bf16 ones by up to 0.027 on features of size up to 4.6, a cosine of 0.99997 or more between the two. preprocessing.json says how the run made its inputs:
+whole images resized (`resize`), or faces warped onto the run's templates by their landmarks (`align`), with
+the normalisation the network applies inside the file.
+"""
+import json
+
+import torch
+import torch.nn as nn
+
+from data import IMAGENET_MEAN, IMAGENET_STD
+
+EXTRA = "preprocessing.json"
+
+
+class Embedder(nn.Module):
+    """uint8 (B, 3, S, S) faces -> (B, D) float32 embeddings: the run's normalisation, then its branch."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, x):
+        return self.model.embed((x.float() - self.mean) / self.std)
+
+
+def preprocessing(ckpt):
+    """What a user must do to a photo before the embedder sees it, from the run's own checkpoint."""
+    a = ckpt["args"]
+    aligner = ckpt.get("aligner")
+    return {"img_size": a["img_size"], "channels": "RGB", "dtype": "uint8",
+            "input": "faces warped onto align.templates by their 30 CFP landmarks (align.py), profiles facing "
+                     "left mirrored" if aligner else f"the whole image, resized to the square by '{a.get('resize')}'",
+            "resize": None if aligner else a.get("resize", "squash"), "align": aligner,
+            "normalisation": {"mean": [255 * m for m in IMAGENET_MEAN], "std": [255 * s for s in IMAGENET_STD],
+                              "applied": "inside the file"},
+            "score": "cosine similarity of two embeddings", "thresholds": ckpt.get("thresholds"),
+            "trained_precision": "bfloat16" if a.get("amp") else "float32"}
+
+
+def export(model, ckpt, path, batch=2):
+    """Write model's embedder with torch.export (batch size dynamic) and its preprocessing.json."""
+    size = ckpt["args"]["img_size"]
+    embedder = Embedder(model.float().to("cpu", memory_format=torch.contiguous_format)).eval()
+    example = torch.zeros(batch, 3, size, size, dtype=torch.uint8)
+    program = torch.export.export(embedder, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=65536)},))
+    torch.export.save(program, path, extra_files={EXTRA: json.dumps(preprocessing(ckpt), indent=1)})
+    return embedder
+
+
+def load(path):
+    """-> (embedder module, preprocessing dict): what a user's own code does, torch alone."""
+    extra = {EXTRA: ""}
+    program = torch.export.load(path, extra_files=extra)
+    return program.module(), json.loads(extra[EXTRA])
