@@ -28,7 +28,8 @@ import align
 from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, open_image,
                   split_folds, warp)
 from models import POSES, LandmarkNet
-from utils import UserError, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli, write_json
+from utils import (UserError, amp_autocast, amp_dtype, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli,
+                   write_json)
 
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
@@ -289,6 +290,9 @@ def get_args_parser():
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                   help="train in bf16 autocast on CPUs with AVX-512-BF16 or AMX (fp32 elsewhere, with a "
+                        "warning); the network is kept and evaluated in fp32 (default: off)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--val-images", type=int, default=400, help="validation photos looked at per epoch (default: 400)")
     p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines (default: 20)")
@@ -336,8 +340,9 @@ def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     for step in range(steps):
         rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()
         x, pose, target = random_views(d, rows, args.img_size, gen)
-        logits, points = net(normalise(x))
-        loss = landmark_loss(logits, points, pose, target)
+        with amp_autocast(torch.device("cpu"), args.amp):  # bf16 where the CPU has it, else a no-op
+            logits, points = net(normalise(x))
+        loss = landmark_loss(logits.float(), points.float(), pose, target)
         if not math.isfinite(loss.item()):
             raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step + 1}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -401,11 +406,15 @@ def main(args):
         raise DataError("the training identities overlap the validation or test ones")
     os.makedirs(args.out, exist_ok=True)
     log = Log(os.path.join(args.out, "log.txt"))
+    if args.amp and amp_dtype(torch.device("cpu")) is None:
+        log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
     log(f"landmarks: {len(sets['train'])} training photos (folds {roles['train']}), validation folds "
         f"{roles['val']}, test folds {roles['test']}; {args.img_size} px views")
     write_json(os.path.join(args.out, "config.json"), {"task": "landmarks", "command": " ".join(["python"] + sys.argv),
                                                        "args": vars(args), "torch": torch.__version__,
-                                                       "threads": torch.get_num_threads(), "folds": roles})
+                                                       "threads": torch.get_num_threads(), "folds": roles,
+                                                       "precision": "bfloat16" if args.amp and amp_dtype(
+                                                           torch.device("cpu")) else "float32"})
     t = time.time()
     d = FaceData(cfp, sets["train"], args.workers)
     val_idx = np.random.default_rng(args.seed).permutation(sets["val"])[:args.val_images]
