@@ -236,7 +236,8 @@ HOLDOUT_PAIRS = 3000  # same-identity pairs (and as many different) per held-out
 
 def load_dataset(root):
     """A CFP-layout folder (it has Protocol/) or an identity-folder dataset, told apart by the layout."""
-    if root and os.path.isdir(root) and not os.path.isdir(os.path.join(root, "Protocol")):
+    if root and os.path.isdir(root) and not os.path.isdir(os.path.join(root, "Protocol")) \
+            and not os.path.isdir(os.path.join(root, "Data", "Images")):  # a CFP root without its protocol
         return load_folders(root)
     return load_cfp(root)
 

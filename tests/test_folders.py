@@ -39,6 +39,9 @@ def test_identity_folders_are_read_by_their_layout(folders, tmp_path):
     open(tmp_path / "one" / "a" / "x.jpg", "wb").close()
     with pytest.raises(data.DataError, match="one identity folder"):
         data.load_dataset(str(tmp_path / "one"))
+    os.makedirs(tmp_path / "cfp" / "Data" / "Images" / "001")  # CFP's layout without its Protocol/ folder
+    with pytest.raises(data.DataError, match="has no Protocol/ folder"):
+        data.load_dataset(str(tmp_path / "cfp"))
 
 
 def test_held_out_identities_are_disjoint_and_their_pairs_are_the_runs(folders, held_out_run):
