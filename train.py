@@ -42,8 +42,8 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 # A checkpoint is only usable with the flags that shaped its network and loss ...
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align", "align_margin", "landmark_net",
-                         "augment", "jitter",
+RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align",
+                         "align_margin", "landmark_net", "augment", "jitter",
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
@@ -527,9 +527,9 @@ def prepare_data(run, resume):
         log(f"wrote the synthetic toy dataset (drawn cartoon faces, not people) to {args.data_root}")
     if run.world > 1:
         dist.barrier()
-    run.cfp, run.folds, train_images, (run.val_pairs, run.val_kinds), (run.test_pairs, run.test_kinds) = \
+    run.cfp, run.folds, run.train_images, (run.val_pairs, run.val_kinds), (run.test_pairs, run.test_kinds) = \
         split_data(args, resume)
-    cfp, folds = run.cfp, run.folds
+    cfp, folds, train_images = run.cfp, run.folds, run.train_images
     if resume and resume.get("fingerprint") not in (None, cfp.fingerprint):
         raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
                         f"files or image list differ); use the run's own --data-root, or another --out")
@@ -714,9 +714,7 @@ def data_record(run):
     cfp, args = run.cfp, run.args
     if cfp.layout == "cfp":
         return {"layout": "cfp", "protocol": args.protocol, "folds": run.folds}
-    train = np.unique(cfp.identity[np.concatenate(run.train_set.frontal)] if hasattr(run.train_set, "frontal")
-                      else cfp.identity[run.train_set.indices])
-    return {"layout": "identity folders", "training_identities": len(train),
+    return {"layout": "identity folders", "training_identities": len(np.unique(cfp.identity[run.train_images])),
             "evaluated_on": f"CFP root {args.eval_root}, protocol {args.protocol}" if args.eval_root else
             f"held-out identities ({args.holdout:g} each for validation and test): pairs_val.txt, pairs_test.txt",
             "folds": run.folds}
