@@ -5,7 +5,9 @@ its face may be a small part of a larger picture. The landmark network (models.L
 CFP itself: from the training identities' photos, each pasted at a random place, scale and angle on a
 background cut from other photos (or a background alone: "no face"), it learns the face's pose (frontal,
 profile facing left or right) and its 30 landmarks. At test time it looks three times, as MTCNN's
-cascade does: once at the whole picture, then twice at a square around the landmarks it found.
+cascade does: once at the whole picture, then twice at a square around the landmarks it found. Each look
+also sees its view mirrored, which turns a profile facing left into one facing right: the two answers are
+averaged (pose, and a profile's landmarks mirrored back).
 
     python landmarks.py --data-root cfp-dataset --out runs/landmarks     # train on the seed split's folds 1-6
     python evaluate.py RUN --landmark-net runs/landmarks --align predicted   # the cost of predicted landmarks
@@ -35,6 +37,7 @@ CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS 
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
 FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
 REFINE_MARGIN = 1.6        # the square the second and third looks take around the face box
+MIRRORED = [0, 1, 3, 2]     # POSES of a mirrored view: left and right swap
 FOUND = 0.5                # a face is found where P(no face) on the whole picture is below this
 
 
@@ -174,10 +177,11 @@ def normalise(x):
 class FaceFinder:
     """The landmark network applied to whole pictures: a look at the picture letterboxed, then two looks at
     the square around the landmarks found. find(pictures) -> one (points (30, 2) in picture pixels,
-    profile, pose) per picture, or None where no face is found."""
+    profile, pose) per picture, or None where no face is found. flip: each look averaged with the look at
+    its mirror image (a frontal face's landmarks are the plain look's: CFP marks the picture's left half)."""
 
-    def __init__(self, net, looks=3, device="cpu"):
-        self.net, self.looks, self.device = net.eval(), looks, device
+    def __init__(self, net, looks=3, device="cpu", flip=True):
+        self.net, self.looks, self.device, self.flip = net.eval(), looks, device, flip
         self.size = net.img_size
 
     @classmethod
@@ -195,9 +199,16 @@ class FaceFinder:
     def look(self, pictures, matrices):
         x = torch.stack([torch.from_numpy(np.asarray(warp(im, m, self.size)).copy()).permute(2, 0, 1)
                          for im, m in zip(pictures, matrices)])
-        logits, points = self.net(normalise(x.to(self.device).float() / 255))
-        probs = logits.float().softmax(1).cpu().numpy()
-        points = points.float().cpu().numpy() * self.size
+        x = normalise(x.to(self.device).float() / 255)
+        logits, points = self.net(torch.cat([x, x.flip(-1)]) if self.flip else x)
+        probs, points = logits.float().softmax(1).cpu().numpy(), points.float().cpu().numpy()
+        if self.flip:  # the mirrored view: a profile facing left faces right there, and its points mirror back
+            n = len(x)
+            probs = (probs[:n] + probs[n:][:, MIRRORED]) / 2
+            back = points[n:] * [-1, 1] + [1, 0]
+            profile = probs[:, 2:].sum(1) > probs[:, 1]
+            points = np.where(profile[:, None, None], (points[:n] + back) / 2, points[:n])
+        points = points * self.size
         return probs, [align.apply(np.linalg.inv(m), p) for m, p in zip(matrices, points)]
 
     def refined(self, matrix, points, pose):
@@ -285,10 +296,13 @@ def get_args_parser():
     p.add_argument("--test-fold", type=int, default=None, help="--protocol 10fold: the test fold K")
     p.add_argument("--out", default="runs/landmarks", help="run folder (default: runs/landmarks)")
     p.add_argument("--img-size", type=int, default=64, help="the network's view, pixels (default: 64)")
-    p.add_argument("--epochs", type=int, default=12, help="epochs over the training photos (default: 12)")
+    p.add_argument("--epochs", type=int, default=20, help="epochs over the training photos (default: 20)")
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    p.add_argument("--profile-share", type=float, default=None,
+                   help="draw the training photos so that profiles are this share of the views, in (0, 1) "
+                        "(default: each photo once an epoch, CFP's 2/7 profiles)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="train in bf16 autocast on CPUs with AVX-512-BF16 or AMX (fp32 elsewhere, with a "
@@ -312,6 +326,8 @@ def check_args(args):
         if not (math.isfinite(value) and 0 <= value < 1) or (flag == "--lr" and value == 0):
             span = "(0, 1)" if flag == "--lr" else "[0, 1)"
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
+    if args.profile_share is not None and not 0 < args.profile_share < 1:
+        raise UserError(f"--profile-share must be in (0, 1), got {args.profile_share}")
     if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
         raise UserError(f"--out {args.out} already holds a landmark network; choose another --out or add --overwrite")
 
@@ -333,9 +349,21 @@ def landmark_loss(logits, points, pose, target):
     return F.cross_entropy(logits, pose) + 10 * l1
 
 
+def epoch_order(d, profile_share, gen):
+    """An epoch's photos: each once in random order or, with profile_share, as many draws with profiles (pose
+    left or right) making that share of them on average."""
+    if profile_share is None:
+        return torch.randperm(len(d.indices), generator=gen)
+    profile = torch.as_tensor(d.pose > POSES.index("frontal"))
+    if profile.all() or not profile.any():
+        raise DataError("--profile-share needs both frontal and profile training photos")
+    weight = torch.where(profile, profile_share / profile.sum(), (1 - profile_share) / (~profile).sum())
+    return torch.multinomial(weight.double(), len(d.indices), replacement=True, generator=gen)
+
+
 def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     net.train()
-    order = torch.randperm(len(d.indices), generator=gen)
+    order = epoch_order(d, args.profile_share, gen)
     steps, total, t0 = len(order) // args.batch_size, 0.0, time.time()
     for step in range(steps):
         rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()

@@ -179,3 +179,48 @@ def test_training_on_a_dataset_without_landmark_files(lm_run, toy, tmp_path):
     r = cli(evaluate, out, "--folds", "9", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e.json").read_text())["landmarks"]["source"] == "predicted"
+
+
+class DotNet(torch.nn.Module):
+    """A stand-in landmark network that sees one bright dot: every landmark on it, the pose by the half it is
+    in (left half: a profile facing left), or, with constant=True, the same answer whatever it sees."""
+
+    def __init__(self, constant=False):
+        super().__init__()
+        self.img_size, self.constant = 32, constant
+
+    def forward(self, x):
+        n, size = len(x), x.shape[-1]
+        if self.constant:
+            return torch.tensor([[0.0, 0.0, 2.0, 0.0]]).repeat(n, 1), torch.full((n, 30, 2), 0.3)
+        g = x.mean(1).flatten(1).argmax(1)
+        dot = torch.stack([(g % size).float() + 0.5, (g // size).float() + 0.5], 1) / size   # (n, 2) view units
+        logits = torch.zeros(n, len(POSES))
+        logits[torch.arange(n), torch.where(dot[:, 0] < 0.5, 2, 3)] = 5.0
+        return logits, dot[:, None].repeat(1, 30, 1)
+
+
+def test_the_mirrored_look_agrees_with_a_mirror_consistent_network_and_swaps_left_and_right():
+    im = Image.new("RGB", (32, 32))
+    im.putpixel((6, 20), (255, 255, 255))   # a dot in the left half
+    m = [np.eye(3)]
+    plain, flipped = landmarks.FaceFinder(DotNet(), flip=False), landmarks.FaceFinder(DotNet(), flip=True)
+    (p0, q0), (p1, q1) = plain.look([im], m), flipped.look([im], m)
+    assert p1[0].argmax() == POSES.index("left") and np.allclose(p0, p1, atol=1e-6)
+    assert np.allclose(q0[0], q1[0], atol=1e-4) and np.allclose(q1[0][0], [6.5, 20.5])
+    # a network that always says "left": its mirrored look says "right", so the two are averaged
+    p, q = landmarks.FaceFinder(DotNet(constant=True), flip=True).look([im], m)
+    assert np.isclose(p[0][2], p[0][3]) and np.isclose(p[0].sum(), 1)
+    assert np.allclose(q[0], [0.5 * 32, 0.3 * 32])  # x 0.3 averaged with its mirror image 0.7; y kept
+
+
+def test_profile_share_draws_profiles_at_that_share_and_is_checked():
+    class D:
+        indices = np.arange(700)
+        pose = np.array([POSES.index("frontal")] * 500 + [POSES.index("left")] * 100 + [POSES.index("right")] * 100)
+    gen = torch.Generator().manual_seed(0)
+    assert sorted(landmarks.epoch_order(D, None, gen).tolist()) == list(range(700))  # each photo once
+    order = torch.cat([landmarks.epoch_order(D, 0.5, gen) for _ in range(20)])
+    assert abs((torch.as_tensor(D.pose)[order] > 1).float().mean().item() - 0.5) < 0.03
+    r = cli(landmarks, "--data-root", "x", "--out", "x", "--profile-share", "1.0")
+    assert r.returncode == 2 and "--profile-share must be in (0, 1)" in r.stderr
