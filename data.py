@@ -591,11 +591,11 @@ class ImageBank:
         return self.images[torch.as_tensor(rows, device=self.images.device)]
 
 
-def preprocess(x, train=False, jitter=False):
+def preprocess(x, train=False, jitter=False, clutter_p=0.0):
     """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
     x = x.float() / 255
     if train:
-        x = augment(x, jitter=jitter)
+        x = augment(clutter(x, clutter_p) if clutter_p else x, jitter=jitter)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -624,6 +624,29 @@ def augment(x, max_degrees=20.0, jitter=False, max_scale=0.15, max_shift=0.1, ma
     if jitter:
         x = color_jitter(x, max_color, p_gray)
     return x
+
+
+def mosaic(patches, n, size, gen=None):
+    """n backgrounds, each k x k of the patches (k from 1 to 4, drawn once) resized into tiles:
+    float (n, 3, size, size) in the patches' units. patches: (P, 3, h, w)."""
+    k = int(torch.randint(1, 5, (1,), generator=gen))
+    tile = math.ceil(size / k)
+    pick = torch.randint(len(patches), (n, k * k), generator=gen).to(patches.device)
+    tiles = F.interpolate(patches[pick.view(-1)].float(), size=(tile, tile), mode="bilinear",
+                          align_corners=False).view(n, k, k, 3, tile, tile)
+    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
+
+
+def clutter(x, p=0.5):
+    """Where an aligned face's square reached outside its photo, a mosaic of pieces of the batch's images
+    instead of black, in a share p of the images: the surroundings a face found in a larger picture has
+    (landmarks.py). The pieces are the images' central halves, which lie inside their photos. The pixels
+    replaced are those black in every channel, as the warp leaves outside the photo; a photo's own pixel
+    that is exactly (0, 0, 0) goes too, which an augmentation can afford. x: (B, 3, H, W) in [0, 1]."""
+    b, size = x.shape[0], x.shape[-1]
+    outside = (x == 0).all(1, keepdim=True) & (torch.rand(b) < p).to(x.device).view(b, 1, 1, 1)
+    q = size // 4
+    return torch.where(outside, mosaic(x[..., q:size - q, q:size - q], b, size), x)
 
 
 def color_jitter(x, max_color=0.3, p_gray=0.2):

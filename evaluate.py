@@ -450,8 +450,10 @@ def get_args_parser():
                         "(the landmark network where there is none); predicted = the landmark network for every "
                         "photo, CFP's included (default: given)")
     p.add_argument("--paste", type=float, default=None, metavar="FRACTION",
-                   help="with --align predicted, fold evaluation: each photo first pasted at a random place into "
-                        "a picture 1/FRACTION its width, on a background cut from other photos (default: off)")
+                   help="fold evaluation of an aligned run: each photo first pasted at a random place into a "
+                        "picture 1/FRACTION its width, on a background cut from other photos, its face then found "
+                        "by the landmark network (--align predicted) or by its given landmarks carried along "
+                        "(--align given: what the background alone costs) (default: off)")
     p.add_argument("--benchmark", type=str, default=None, choices=["cfp"],
                    help="cfp: all ten folds' FF and FP pairs of --data-root, fold K's threshold chosen on the other "
                         "nine, mean +- std, AUC and EER per kind, as the literature reports CFP; only for a run "
@@ -510,8 +512,8 @@ def check_landmark_flags(args):
     if args.align == "predicted" and not args.landmark_net:
         raise UserError("--align predicted needs --landmark-net RUN (a network trained by landmarks.py)")
     if args.paste is not None:
-        if args.align != "predicted" or args.pair or args.pairs:
-            raise UserError("--paste applies to fold evaluation with --align predicted")
+        if args.pair or args.pairs:
+            raise UserError("--paste applies to fold evaluation, not to --pair or --pairs")
         if not 0 < args.paste <= 1:
             raise UserError(f"--paste must be in (0, 1], got {args.paste}")
 
@@ -681,15 +683,19 @@ def evaluate_folds(args, model, ckpt, device, finder=None):
 
 def fold_bank(args, cfp, needed, ckpt, device, finder):
     """The images a fold evaluation embeds: aligned by their landmark files or, with --align predicted, by
-    the landmark network's landmarks (optionally found in larger pictures: --paste). -> (bank, where the
-    landmarks came from)"""
+    the landmark network's landmarks; with --paste, each photo first pasted into a larger picture, its
+    landmarks found there or carried along. -> (bank, where the landmarks came from)"""
     a, where = ckpt["args"], device if device.type == "cuda" else "cpu"
-    if args.align != "predicted" and not (cfp.landmarks is None and finder is not None and aligner_of(ckpt)):
+    if args.paste is not None and not aligner_of(ckpt):
+        raise UserError(f"--paste: {args.run} resizes whole images (--align none); it aligns no face")
+    if args.paste is not None and cfp.landmarks is None:
+        raise UserError(f"--paste: {cfp.root} has no landmark files to tell where the pasted faces are")
+    predicted = args.align == "predicted" or (cfp.landmarks is None and finder is not None and aligner_of(ckpt))
+    if not predicted and args.paste is None:
         return ImageBank(cfp, needed, a["img_size"], args.workers, device=where, resize=a.get("resize", "squash"),
                          aligner=aligner_of(ckpt)), {"source": "given" if aligner_of(ckpt) else "none"}
-    if cfp.landmarks is None and args.paste is not None:
-        raise UserError(f"--paste: {cfp.root} has no landmark files to tell where the pasted faces are")
-    images, landmarks = align_photos(cfp, needed, finder, aligner_of(ckpt), a["img_size"], args.paste)
+    images, landmarks = align_photos(cfp, needed, finder if predicted else None, aligner_of(ckpt), a["img_size"],
+                                     args.paste)
     return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
 
 

@@ -218,6 +218,10 @@ run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropo
 # epochs: about 10 minutes on one core of a 2-core x86 CPU with AMX.
 # aligned: the seed split, faces aligned by their landmarks, ResNet18 from random init, ArcFace s 8
 run aligned python train.py --out runs/aligned/r18_arcface_64px_template_s8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
+# The same recipe (seed 1) with --clutter 0.5, for faces found in larger pictures: in half the training faces, what
+# the aligned square shows outside the photo is a mosaic of other images (results/cfp-seed/*_s8_clutter05)
+# clutter: the aligned recipe, half the training faces surrounded by a mosaic where their photo ends
+run clutter python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5
 # 10fold-aligned: CFP's ten folds with the same recipe (results/cfp-10fold/r18_arcface_64px_template_s8_fold*)
 run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
 run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp

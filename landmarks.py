@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import align
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, open_image,
-                  split_folds, warp)
+from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, mosaic,
+                  open_image, split_folds, warp)
 from models import POSES, LandmarkNet
 from utils import (UserError, amp_autocast, amp_dtype, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli,
                    write_json)
@@ -36,7 +36,8 @@ from utils import (UserError, amp_autocast, amp_dtype, atomic_save, atomic_write
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
 FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
-REFINE_MARGIN = 1.6        # the square the second and third looks take around the face box
+REFINE_MARGIN = 1.3        # the square the second and third looks take around the face box (1.6 before the
+                           # --refine-margin flag: results/landmarks, margin13 against e20)
 MIRRORED = [0, 1, 3, 2]     # POSES of a mirrored view: left and right swap
 FOUND = 0.5                # a face is found where P(no face) on the whole picture is below this
 
@@ -116,17 +117,7 @@ def corner_patches(images, valid, faces, frac=0.3):
     return torch.stack(out).to(torch.uint8)
 
 
-def mosaic(patches, n, size, gen):
-    """n backgrounds, each k x k patches (k from 1 to 4), as float (n, 3, size, size) in [0, 1]."""
-    k = int(torch.randint(1, 5, (1,), generator=gen))
-    tile = math.ceil(size / k)
-    pick = torch.randint(len(patches), (n, k * k), generator=gen)
-    tiles = F.interpolate(patches[pick.view(-1)].float() / 255, size=(tile, tile), mode="bilinear",
-                          align_corners=False).view(n, k, k, 3, tile, tile)
-    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
-
-
-def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0):
+def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFINE_MARGIN):
     """A batch of training views: each photo of `rows` scaled, turned and placed at random on a background
     (profiles mirrored half the time, their pose label swapped), or the background alone.
     -> (x float (n, 3, size, size) in [0, 1], pose labels (n,), points (n, 30, 2) in units of the side)."""
@@ -136,12 +127,12 @@ def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0):
     mirror = (torch.rand(n, generator=gen) < 0.5) & (pose != POSES.index("frontal"))
     face = torch.as_tensor(d.face[rows], dtype=torch.float64)
     side = (face[:, 2:] - face[:, :2]).max(1).values
-    # half the views as the refining looks see a face (its box 1/REFINE_MARGIN of the side, near the centre),
+    # half the views as the refining looks see a face (its box 1/margin of the side, near the centre),
     # half with the face anywhere, at any scale of FACE_SCALE, as the first look sees a picture
     lo, hi = map(math.log, FACE_SCALE)
     anywhere = torch.rand(n, generator=gen) < 0.5
     frac = torch.where(anywhere, torch.exp(lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)),
-                       (1 + 0.15 * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)) / REFINE_MARGIN)
+                       (1 + 0.15 * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)) / margin)
     zoom = frac * size / side
     angle = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * math.radians(max_degrees)
     f = frac[:, None]
@@ -157,7 +148,7 @@ def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0):
     px = (grid + 1) * CANVAS / 2                                               # (n, S, S, 2) canvas pixels
     valid = torch.as_tensor(d.valid[rows], dtype=torch.float32)[:, None, None]
     inside = ((px >= valid[..., :2]) & (px < valid[..., 2:])).all(-1) & ~empty[:, None, None]
-    x = torch.where(inside[:, None], x, mosaic(d.patches, n, size, gen))
+    x = torch.where(inside[:, None], x, mosaic(d.patches, n, size, gen) / 255)
     points = torch.as_tensor(d.points[rows]) @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]
     pose = torch.where(mirror, torch.tensor([0, 1, 3, 2])[pose], pose)      # a mirrored profile turns around
     pose = torch.where(empty, torch.zeros_like(pose), pose)
@@ -180,17 +171,17 @@ class FaceFinder:
     profile, pose) per picture, or None where no face is found. flip: each look averaged with the look at
     its mirror image (a frontal face's landmarks are the plain look's: CFP marks the picture's left half)."""
 
-    def __init__(self, net, looks=3, device="cpu", flip=True):
-        self.net, self.looks, self.device, self.flip = net.eval(), looks, device, flip
+    def __init__(self, net, looks=3, device="cpu", flip=True, margin=REFINE_MARGIN):
+        self.net, self.looks, self.device, self.flip, self.margin = net.eval(), looks, device, flip, margin
         self.size = net.img_size
 
     @classmethod
     def load(cls, path, device="cpu"):
         path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
         ckpt = load_checkpoint(path, kind="landmarks")
-        net = LandmarkNet(ckpt["args"]["img_size"])
+        net = LandmarkNet(ckpt["args"]["img_size"], maxpool=ckpt["args"].get("maxpool", True))
         load_weights(net, ckpt["model"], path)
-        finder = cls(net.to(device), device=device)
+        finder = cls(net.to(device), device=device, margin=ckpt["args"].get("refine_margin", 1.6))
         with open(path, "rb") as f:
             finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
         return finder
@@ -213,7 +204,7 @@ class FaceFinder:
 
     def refined(self, matrix, points, pose):
         """The next look: the square around the landmarks found, unless they are no face's (the last look kept)."""
-        x0, y0, side = face_square(points, pose)
+        x0, y0, side = face_square(points, pose, self.margin)
         if not (np.isfinite([x0, y0, side]).all() and side * matrix[0, 0] > 4):  # at least 4 view pixels
             return matrix
         return square_matrix(x0, y0, side, self.size)
@@ -296,6 +287,14 @@ def get_args_parser():
     p.add_argument("--test-fold", type=int, default=None, help="--protocol 10fold: the test fold K")
     p.add_argument("--out", default="runs/landmarks", help="run folder (default: runs/landmarks)")
     p.add_argument("--img-size", type=int, default=64, help="the network's view, pixels (default: 64)")
+    p.add_argument("--maxpool", action=argparse.BooleanOptionalAction, default=True,
+                   help="the ResNet18 stem's max-pool; --no-maxpool doubles the final map's resolution at about "
+                        "twice the cost (default: on)")
+    p.add_argument("--loss", default="l1", choices=["l1", "wing"],
+                   help="landmark error: l1, or the wing loss (Feng et al. 2018) in view pixels (default: l1)")
+    p.add_argument("--refine-margin", type=float, default=REFINE_MARGIN,
+                   help=f"the second and third looks' square, as a multiple of the face box's side (default: "
+                        f"{REFINE_MARGIN})")
     p.add_argument("--epochs", type=int, default=20, help="epochs over the training photos (default: 20)")
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
@@ -326,6 +325,8 @@ def check_args(args):
         if not (math.isfinite(value) and 0 <= value < 1) or (flag == "--lr" and value == 0):
             span = "(0, 1)" if flag == "--lr" else "[0, 1)"
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
+    if not (math.isfinite(args.refine_margin) and 1 <= args.refine_margin <= 3):
+        raise UserError(f"--refine-margin must be in [1, 3], got {args.refine_margin}")
     if args.profile_share is not None and not 0 < args.profile_share < 1:
         raise UserError(f"--profile-share must be in (0, 1), got {args.profile_share}")
     if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
@@ -342,11 +343,22 @@ class Log:
         self.file.flush()
 
 
-def landmark_loss(logits, points, pose, target):
-    """Pose cross-entropy plus 10 x the mean L1 landmark error (in units of the view) of the views with a face."""
+def wing(error, w=10.0, eps=2.0):
+    """Feng et al.'s wing loss of absolute errors in pixels: logarithmic below w, so that small and medium
+    errors weigh more than under L1, linear (as L1) beyond."""
+    c = w - w * math.log(1 + w / eps)
+    return torch.where(error < w, w * torch.log1p(error / eps), error - c)
+
+
+def landmark_loss(logits, points, pose, target, kind="l1", size=64):
+    """Pose cross-entropy plus 10 x the mean landmark error (L1 in units of the view, or the wing loss of the
+    error in view pixels, divided by size) of the views with a face."""
     face = pose > 0
-    l1 = (points[face] - target[face]).abs().mean() if face.any() else points.sum() * 0
-    return F.cross_entropy(logits, pose) + 10 * l1
+    if not face.any():
+        return F.cross_entropy(logits, pose) + points.sum() * 0
+    error = (points[face] - target[face]).abs()
+    err = error.mean() if kind == "l1" else wing(error * size).mean() / size
+    return F.cross_entropy(logits, pose) + 10 * err
 
 
 def epoch_order(d, profile_share, gen):
@@ -363,14 +375,15 @@ def epoch_order(d, profile_share, gen):
 
 def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     net.train()
+    layout = torch.channels_last if args.amp and amp_dtype(torch.device("cpu")) else torch.contiguous_format
     order = epoch_order(d, args.profile_share, gen)
     steps, total, t0 = len(order) // args.batch_size, 0.0, time.time()
     for step in range(steps):
         rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()
-        x, pose, target = random_views(d, rows, args.img_size, gen)
+        x, pose, target = random_views(d, rows, args.img_size, gen, margin=args.refine_margin)
         with amp_autocast(torch.device("cpu"), args.amp):  # bf16 where the CPU has it, else a no-op
-            logits, points = net(normalise(x))
-        loss = landmark_loss(logits.float(), points.float(), pose, target)
+            logits, points = net(normalise(x).contiguous(memory_format=layout))
+        loss = landmark_loss(logits.float(), points.float(), pose, target, args.loss, args.img_size)
         if not math.isfinite(loss.item()):
             raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step + 1}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
@@ -447,7 +460,9 @@ def main(args):
     d = FaceData(cfp, sets["train"], args.workers)
     val_idx = np.random.default_rng(args.seed).permutation(sets["val"])[:args.val_images]
     log(f"decoded {len(d.indices)} photos and cut {len(d.patches)} background patches in {time.time() - t:.0f}s")
-    net = LandmarkNet(args.img_size)
+    net = LandmarkNet(args.img_size, maxpool=args.maxpool)
+    if args.amp and amp_dtype(torch.device("cpu")):
+        net = net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.epochs * (len(d.indices) // args.batch_size)
     warm = min(100, total // 10 + 1)
@@ -456,7 +471,7 @@ def main(args):
     history, best, t = [], math.inf, time.time()
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
-        val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
+        val, _, _ = score_photos(FaceFinder(net, margin=args.refine_margin), cfp, val_idx)
         nme_val = float(np.nanmean(val.pop("nme")))
         history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
                         "val_found": val["found"], "minutes": (time.time() - t) / 60})
@@ -499,14 +514,11 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
     return metrics
 
 
-if __name__ == "__main__":
-    run_cli(main, get_args_parser().parse_args())
-
-
 def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chunk=64):
-    """CFP photos aligned as a user's photo is, by the landmark network's landmarks; with fraction, each photo
-    first pasted into a picture 1/fraction its size. -> (uint8 (N, 3, size, size), what was found: the share
-    of photos whose face was found where the given landmarks put it (face boxes' IoU >= 0.5))"""
+    """CFP photos aligned as a user's photo is, by the landmark network's landmarks (finder None: by the given
+    ones); with fraction, each photo first pasted into a picture 1/fraction its size, the given landmarks
+    moved with it. -> (uint8 (N, 3, size, size), what was found: the share of photos whose face was found
+    where the given landmarks put it (face boxes' IoU >= 0.5))"""
     rng = np.random.default_rng(seed)
     given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
     true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
@@ -517,16 +529,27 @@ def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chu
     out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     found, located = [], []
     for k in range(0, len(indices), chunk):
-        pictures = [open_image(cfp.paths[i]) for i in indices[k:k + chunk]]
+        rows = indices[k:k + chunk]
+        pictures = [open_image(cfp.paths[i]) for i in rows]
         moved = [np.eye(3)] * len(pictures)
         if fraction is not None:
             pictures, moved = zip(*[paste(im, fraction, pieces, rng) for im in pictures])
-        for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, finder.find_all(pictures))):
+        true = [align.apply(m, cfp.landmarks[i]) for m, i in zip(moved, rows)] if given else None
+        # one photo a look, as --pair looks at a photo: kernels that differ with the batch size would move the
+        # landmarks by hundredths of a pixel, enough to move a score in its third decimal
+        faces = finder.find_all(pictures, chunk=1) if finder is not None else \
+            [(p, bool(cfp.profile[i]), pose, True) for p, i, pose in zip(true, rows, true_pose[k:k + chunk])]
+        for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, faces)):
             out[k + j] = torch.from_numpy(np.asarray(warp(im, aligner.matrix(points, profile, size), size)).copy()
                                           ).permute(2, 0, 1)
             found.append(ok)
             if given:
-                true = align.face_box(align.apply(moved[j], cfp.landmarks[indices[k + j]]), true_pose[k + j])
-                located.append(ok and iou(align.face_box(points, pose), true) >= 0.5)
-    return out, {"source": "predicted", **finder.source, "paste": fraction, "found": float(np.mean(found)),
+                box = align.face_box(true[j], true_pose[k + j])
+                located.append(ok and iou(align.face_box(points, pose), box) >= 0.5)
+    source = {"source": "predicted", **finder.source} if finder is not None else {"source": "given"}
+    return out, {**source, "paste": fraction, "found": float(np.mean(found)),
                  "found_at_its_place": float(np.mean(located)) if given else None}
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

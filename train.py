@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES, NUM_POINTS, Aligner
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, draw_pairs,
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, clutter, draw_pairs,
                   holdout_identities, join, load_cfp, load_dataset, open_image, preprocess, read_pair_file,
                   split_folds, write_pair_file)
 from evaluate import dataset_label, evaluate, write_scores
@@ -43,11 +43,11 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align",
-                         "align_margin", "landmark_net", "augment", "jitter",
+                         "align_margin", "landmark_net", "augment", "jitter", "clutter",
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
-EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "dropout": 0.0, "align": "none", "align_margin": 1.25,
+EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none", "align_margin": 1.25,
                     "maxpool": True, "landmark_net": "", "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
@@ -125,6 +125,10 @@ def get_args_parser():
     g.add_argument("--jitter", action=argparse.BooleanOptionalAction, default=False,
                    help="with --augment, also a random zoom (+-15%%), shift (+-10%%), brightness, contrast and "
                         "saturation (+-30%%) and grey (p 0.2) (default: off)")
+    g.add_argument("--clutter", type=float, default=0.0, metavar="P",
+                   help="with --augment and an aligned view: in a share P of the training images, what the "
+                        "aligned square shows outside the photo (black) becomes a mosaic of other images, as "
+                        "around a face found in a larger picture (default: 0, off)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
                    help="keep decoded images on disk here, so later runs start at once (default: off)")
@@ -192,7 +196,8 @@ def check_ranges(args):
     def need(ok, flag, what):
         if not ok:
             raise UserError(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
-    for flag in ("lr", "weight_decay", "warmup_epochs", "freeze", "dropout", "margin", "scale", "align_margin"):
+    for flag in ("lr", "weight_decay", "warmup_epochs", "freeze", "dropout", "margin", "scale", "align_margin",
+                 "clutter"):
         value = getattr(args, flag)
         need(value is None or math.isfinite(value), flag, "a finite number")
     for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
@@ -204,6 +209,7 @@ def check_ranges(args):
     need(0 <= args.freeze < 1, "freeze", "in [0, 1)")
     need(args.dropout is None or 0 <= args.dropout < 1, "dropout", "in [0, 1)")
     need(1 <= args.align_margin <= 4, "align_margin", "in [1, 4]")
+    need(0 <= args.clutter <= 1, "clutter", "in [0, 1]")
     need(args.embed_dim <= 65536, "embed_dim", "at most 65536")
     need(args.img_size >= 32, "img_size", "at least 32 (five stride-2 stages)")
     need(args.scale is None or args.scale > 0, "scale", "positive")
@@ -233,6 +239,10 @@ def check_combinations(args):
         raise UserError("--no-maxpool is for ResNets: VGG has no stem max-pool")
     if args.jitter and not args.augment:
         raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
+    if args.clutter and not args.augment:
+        raise UserError("--clutter adds to --augment: it has no effect with --no-augment")
+    if args.clutter and args.align == "none":
+        raise UserError("--clutter fills what an aligned square shows outside the photo: it needs --align")
     if args.batch_size < 2 and (sampling == "images" or args.arch == 1):
         raise UserError(f"--arch {args.arch} --loss {args.loss} needs --batch-size of at least 2 (BatchNorm "
                         f"{'on the embedding' if sampling == 'images' else 'in the decision network'})")
@@ -361,7 +371,8 @@ def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, ep
     for step in range(n_batches):
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         inputs, target = train_set.batch(bank, idx, swap=True)
-        inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment, jitter=args.jitter)
+        inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment, jitter=args.jitter,
+                             clutter_p=args.clutter)
                   for x in inputs]
         if ctx["channels_last"]:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
@@ -860,7 +871,7 @@ def input_samples(train_set, bank, val_pairs, cfp, args, n=16):
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n]
     inputs, _ = train_set.batch(bank, idx)
     x = inputs[0].float() / 255
-    train = augment(x, jitter=args.jitter) if args.augment else x
+    train = augment(clutter(x, args.clutter) if args.clutter else x, jitter=args.jitter) if args.augment else x
     val = np.unique(val_pairs[:, :2])
     rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (train * 255).round().byte()}
     for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):

@@ -286,6 +286,20 @@ def test_jitter_zooms_shifts_and_changes_colour_within_its_bounds():
     assert brightness.min() > 0.6 and brightness.max() < 1.4 and brightness.std() > 0.05
 
 
+def test_clutter_fills_only_what_lies_outside_the_photo():
+    """--clutter: the black that the warp left outside the photo becomes pieces of the batch's images, in a
+    share p of them; the photo's own pixels stay as they were."""
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 16, 16) * 0.9 + 0.05
+    x[:, :, :, :3] = 0  # the aligned square reached past the photo's left edge
+    out = data.clutter(x, p=0.5)
+    assert torch.equal(out[..., 3:], x[..., 3:])
+    filled = (out[..., :3] > 0).flatten(1).all(1)
+    untouched = (out[..., :3] == 0).flatten(1).all(1)
+    assert (filled ^ untouched).all() and 150 < int(filled.sum()) < 250
+    assert torch.equal(data.clutter(x, p=0.0), x)
+
+
 def test_without_jitter_augment_draws_as_before():
     """--jitter off keeps the random stream, so runs made before it existed repeat bit for bit."""
     x = torch.rand(8, 3, 32, 32)

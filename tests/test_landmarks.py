@@ -143,6 +143,23 @@ def test_predicted_landmarks_where_a_file_is_missing(aligned_run, lm_run, toy, t
     assert got["paste"] == 0.5 and 0 <= got["found_at_its_place"] <= got["found"] <= 1
 
 
+def test_pasted_photos_carry_their_given_landmarks(aligned_run, toy_lm, monkeypatch):
+    """--paste --align given: on a black background, a photo pasted into a picture four times its width
+    aligns as the photo itself does (black is what the warp puts outside a photo), but for the one-pixel
+    seam along the photo's edge, where Pillow's bilinear sampling ends the photo differently."""
+    cfp = data.load_cfp(toy_lm)
+    _, ckpt = evaluate.load_model(str(aligned_run), torch.device("cpu"))
+    aligner, size, rows = evaluate.aligner_of(ckpt), ckpt["args"]["img_size"], np.arange(8)
+    crops = data.ImageBank(cfp, rows, size, aligner=aligner).images
+    monkeypatch.setattr(landmarks, "background_pieces", lambda *a: [Image.new("RGB", (4, 4))])
+    pasted, used = landmarks.align_photos(cfp, rows, None, aligner, size, fraction=0.25)
+    assert used["source"] == "given" and used["found_at_its_place"] == 1.0
+    differs = ((pasted.int() - crops.int()).abs() > 1).any(1, keepdim=True).float()
+    outside = (crops == 0).all(1, keepdim=True).float()  # where the square left the photo: black in both
+    seam = torch.nn.functional.max_pool2d(outside, 3, 1, 1)  # ... and the pixels next to it, which Pillow
+    assert (differs <= seam).all()                            # samples against black or against the mosaic
+
+
 def test_a_photo_with_no_face_is_one_line(aligned_run, lm_run, toy_lm, tmp_path, monkeypatch):
     cfp = data.load_cfp(toy_lm)
     blank = tmp_path / "wall.png"
@@ -162,8 +179,10 @@ def test_a_photo_with_no_face_is_one_line(aligned_run, lm_run, toy_lm, tmp_path,
 def test_landmark_flags_are_checked(aligned_run, lm_run):
     r = cli(evaluate, aligned_run, "--align", "predicted")
     assert r.returncode == 2 and "--align predicted needs --landmark-net" in r.stderr
-    r = cli(evaluate, aligned_run, "--paste", "0.5")
-    assert r.returncode == 2 and "--paste applies to fold evaluation with --align predicted" in r.stderr
+    r = cli(evaluate, aligned_run, "--paste", "0.5", "--pair", "a.jpg", "b.jpg")
+    assert r.returncode == 2 and "--paste applies to fold evaluation, not to --pair" in r.stderr
+    r = cli(evaluate, aligned_run, "--paste", "1.5")
+    assert r.returncode == 2 and "--paste must be in (0, 1]" in r.stderr
     r = cli(evaluate, aligned_run, "--landmark-net", aligned_run)
     assert r.returncode == 2 and "not a landmark network written by landmarks.py" in r.stderr
 
@@ -224,3 +243,12 @@ def test_profile_share_draws_profiles_at_that_share_and_is_checked():
     assert abs((torch.as_tensor(D.pose)[order] > 1).float().mean().item() - 0.5) < 0.03
     r = cli(landmarks, "--data-root", "x", "--out", "x", "--profile-share", "1.0")
     assert r.returncode == 2 and "--profile-share must be in (0, 1)" in r.stderr
+
+
+def test_wing_loss_weighs_small_errors_more_than_l1_and_the_refine_margin_is_checked():
+    e = torch.tensor([0.0, 1.0, 10.0, 20.0, 30.0])  # pixels
+    w = landmarks.wing(e)
+    assert w[0] == 0 and w[1] > 4 * e[1]                                # logarithmic, steep, near zero
+    assert torch.allclose(w[3:] - w[2:4], torch.tensor([10.0, 10.0]))   # linear as L1 beyond w = 10
+    r = cli(landmarks, "--data-root", "x", "--out", "x", "--refine-margin", "0.8")
+    assert r.returncode == 2 and "--refine-margin must be in [1, 3]" in r.stderr

@@ -338,6 +338,9 @@ ERROR_PATHS = {
     "image size 16": (["--img-size", "16"], "--img-size must be at least 32"),
     "arcface batch 1": (["--loss", "arcface", "--batch-size", "1"], "--batch-size of at least 2"),
     "test fold 11": (["--protocol", "10fold", "--test-fold", "11"], "between 1 and 10"),
+    "clutter above 1": (["--clutter", "1.5"], "--clutter must be in"),
+    "clutter without augment": (["--clutter", "0.5", "--no-augment"], "--clutter adds to --augment"),
+    "clutter unaligned": (["--clutter", "0.5", "--align", "none"], "--clutter .* needs --align"),
 }
 
 
