@@ -23,9 +23,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES, NUM_POINTS, Aligner
-from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, clutter, draw_pairs,
-                  holdout_identities, join, load_cfp, load_dataset, open_image, preprocess, read_pair_file,
-                  split_folds, write_pair_file)
+from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, clutter,
+                  draw_pairs, holdout_identities, join, load_cfp, load_dataset, open_image, preprocess,
+                  read_pair_file, split_folds, write_pair_file)
 from evaluate import dataset_label, evaluate, write_scores
 from landmarks import FaceFinder
 from losses import ARCH_LOSSES, LOSSES, build_loss
@@ -47,8 +47,8 @@ RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
-EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none", "align_margin": 1.25,
-                    "maxpool": True, "landmark_net": "", "eval_root": "", "holdout": 0.1}
+EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none",
+                    "align_margin": 1.25, "maxpool": True, "landmark_net": "", "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -871,9 +871,10 @@ def input_samples(train_set, bank, val_pairs, cfp, args, n=16):
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n]
     inputs, _ = train_set.batch(bank, idx)
     x = inputs[0].float() / 255
-    train = augment(clutter(x, args.clutter) if args.clutter else x, jitter=args.jitter) if args.augment else x
+    if args.augment:
+        x = augment(clutter(x, args.clutter) if args.clutter else x, jitter=args.jitter)
     val = np.unique(val_pairs[:, :2])
-    rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (train * 255).round().byte()}
+    rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (x * 255).round().byte()}
     for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):
         if sel.any():
             rows[name] = bank[val[sel][:: max(1, sel.sum() // n)][:n]]
