@@ -564,15 +564,17 @@ def landmark_tables(folder):
                          f"{t['ms_per_photo']:.1f} |")
         except (OSError, ValueError, KeyError, TypeError) as e:
             lines.append(f"| {os.path.relpath(run, folder)} | unreadable: {type(e).__name__}: {str(e)[:80]} |")
-        checks += sorted(glob.glob(os.path.join(glob.escape(run), "verify_*.json")))
+        checks += [(os.path.relpath(run, folder), p) for p in
+                   sorted(glob.glob(os.path.join(glob.escape(run), "verify_*.json")))]
     if checks:
         lines += ["", "| verification run, evaluated with | landmarks | found | test acc | FF acc | FP acc |",
                   "|" + "---|" * 6]
-    for path in checks:
+    for net, path in checks:
         try:
             e = read_json(path)
             lm, t = e["landmarks"], e["test"]
-            how = lm["source"] + (f", pasted at 1/{1 / lm['paste']:g}" if lm.get("paste") else "")
+            how = lm["source"] + (f" by {net}" if lm["source"] == "predicted" else "") + \
+                (f", pasted at 1/{1 / lm['paste']:g}" if lm.get("paste") else "")
             found = _fmt(lm.get("found_at_its_place"), 4)
             lines.append(f"| {os.path.basename(e['checkpoint'].rstrip('/'))} ({os.path.basename(path)}) | {how} | "
                          f"{found} | {t['all']['acc']:.4f} | {t['FF']['acc']:.4f} | {t['FP']['acc']:.4f} |")
