@@ -181,7 +181,8 @@ class FaceFinder:
         ckpt = load_checkpoint(path, kind="landmarks")
         net = LandmarkNet(ckpt["args"]["img_size"], maxpool=ckpt["args"].get("maxpool", True))
         load_weights(net, ckpt["model"], path)
-        finder = cls(net.to(device), device=device, margin=ckpt["args"].get("refine_margin", 1.6))
+        margin = ckpt["args"].get("refine_margin", 1.6)  # a network trained before --refine-margin used 1.6
+        finder = cls(net.to(device), device=device, margin=margin)
         with open(path, "rb") as f:
             finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
         return finder
