@@ -43,12 +43,13 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align",
-                         "align_margin", "landmark_net", "augment", "jitter", "clutter",
+                         "align_margin", "landmark_net", "predict_landmarks", "augment", "jitter", "clutter",
                          "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
 EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none",
-                    "align_margin": 1.25, "maxpool": True, "landmark_net": "", "eval_root": "", "holdout": 0.1}
+                    "align_margin": 1.25, "maxpool": True, "landmark_net": "", "predict_landmarks": False,
+                    "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -114,6 +115,9 @@ def get_args_parser():
     g.add_argument("--landmark-net", type=str, default="", metavar="RUN",
                    help="for a dataset without Data/Fiducials: a landmark network (landmarks.py) that places every "
                         "image's landmarks once, before training, so that faces can be aligned (default: none)")
+    g.add_argument("--predict-landmarks", action="store_true",
+                   help="with --landmark-net: every image's landmarks from the network, its landmark file ignored, "
+                        "so that training aligns faces as photos without files are aligned (default: off)")
     g.add_argument("--align-margin", type=float, default=1.25,
                    help="with --align: the square's side as a multiple of the face box's larger side (default: 1.25)")
     g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
@@ -239,6 +243,8 @@ def check_combinations(args):
         raise UserError("--no-maxpool is for ResNets: VGG has no stem max-pool")
     if args.jitter and not args.augment:
         raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
+    if args.predict_landmarks and not args.landmark_net:
+        raise UserError("--predict-landmarks needs --landmark-net RUN (a network trained by landmarks.py)")
     if args.clutter and not args.augment:
         raise UserError("--clutter adds to --augment: it has no effect with --no-augment")
     if args.clutter and args.align == "none":
@@ -839,9 +845,11 @@ def build_aligner(args, cfp, train_images, resume=None):
 
 def place_landmarks(args, cfp, log, chunk=256):
     """Where the faces' landmarks come from: the dataset's files, or (for images without them, with
-    --landmark-net) the landmark network, run once over each such image, which also gives its pose.
+    --landmark-net; for every image, with --predict-landmarks) the landmark network, run once over each such
+    image, which also gives its pose.
     -> the record config.json keeps."""
-    todo = np.arange(len(cfp.paths)) if cfp.landmarks is None else np.flatnonzero(np.isnan(cfp.landmarks).any((1, 2)))
+    todo = np.arange(len(cfp.paths)) if cfp.landmarks is None or args.predict_landmarks else \
+        np.flatnonzero(np.isnan(cfp.landmarks).any((1, 2)))
     if not len(todo) or not args.landmark_net or args.align == "none":
         return {"source": "none" if cfp.landmarks is None else "given" if not len(todo) else "given for some"}
     finder = FaceFinder.load(args.landmark_net)

@@ -15,6 +15,7 @@ import train
 from conftest import cli, smoke_args
 from models import POSES, LandmarkNet
 from test_align import face, toy_lm  # noqa: F401 (toy_lm: the toy with hand-made landmark files)
+from utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,18 @@ def test_training_on_a_dataset_without_landmark_files(lm_run, toy, tmp_path):
     r = cli(evaluate, out, "--folds", "9", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "e.json").read_text())["landmarks"]["source"] == "predicted"
+
+
+def test_predict_landmarks_replaces_the_files(lm_run, toy_lm, tmp_path):
+    """--predict-landmarks: a dataset with landmark files trains on the network's landmarks instead."""
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--predict-landmarks needs --landmark-net"):
+        train.main(smoke_args(toy_lm, out, "--predict-landmarks"))
+    args = smoke_args(toy_lm, out, "--loss", "arcface", "--epochs", "1", "--max-steps", "2", "--landmark-net", lm_run,
+                      "--predict-landmarks")
+    train.main(args)
+    config = json.loads((out / "config.json").read_text())
+    assert config["landmarks"]["source"] == "predicted"  # every image, not "given for some"
 
 
 class DotNet(torch.nn.Module):
