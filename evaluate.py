@@ -551,14 +551,16 @@ def is_landmark_folder(folder):
 def landmark_tables(folder):
     """The landmark networks of a folder (landmarks.py runs), and the verification runs evaluated with their
     landmarks (the evaluate.py --json files beside them, verify_*.json)."""
-    lines = ["| network | protocol | px | epochs | minutes | test NME frontal | NME profile | pose acc | "
-             "found, pasted at 1/2 | at 1/4 | ms a photo |", "|" + "---|" * 11]
+    lines = ["| network | protocol | head | profile share | px | epochs | minutes | test NME frontal | NME profile | "
+             "pose acc | found, pasted at 1/2 | at 1/4 | ms a photo |", "|" + "---|" * 13]
     checks = []
     for run in find_runs(folder):
         try:
             c, m = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "metrics.json"))
             a, t = c["args"], m["test"]
-            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a['img_size']} | {a['epochs']} | "
+            share = a.get("profile_share")
+            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a.get('head', 'flatten')} | "
+                         f"{'each photo once' if share is None else share} | {a['img_size']} | {a['epochs']} | "
                          f"{m['train_minutes']:.1f} | {t['nme_frontal']:.4f} | {t['nme_profile']:.4f} | "
                          f"{t['pose_acc']:.4f} | {m['pasted_0.5']['found']:.4f} | {m['pasted_0.25']['found']:.4f} | "
                          f"{t['ms_per_photo']:.1f} |")

@@ -151,22 +151,61 @@ def build_model(args):
 POSES = ("none", "frontal", "left", "right")  # the landmark network's classes: no face, or the face's pose
 
 
+LANDMARK_HEADS = ("flatten", "heatmap")
+
+
 class LandmarkNet(nn.Module):
     """Where a face is and how it is turned, from one square view of a photo.
 
     forward(x) -> (logits (N, 4) over POSES, points (N, 30, 2)): CFP's 30 landmarks in units of the view's
     side, (0, 0) its top left corner. A ResNet18 from random init whose last feature map is flattened, not
-    averaged, so that the head knows where on the view each feature lies; maxpool=False drops the stem's
-    max-pool, for a final map of twice the resolution (4 x 4 at 64 px) at about twice the cost."""
+    averaged, so that the pose knows where on the view each feature lies. The landmarks come from
+    head="flatten": the same flattened map, through one linear layer; or
+    head="heatmap": a heatmap per landmark at a quarter of the view's resolution, from the last map brought
+        back up through the stages before it (a feature pyramid), and the landmark at its expected position
+        under the heatmap's softmax (integral regression, Sun et al. 2018), which keeps every layer's
+        translation equivariance where the linear layer has to learn each place anew.
+    maxpool=False drops the stem's max-pool, for maps of twice the resolution at about twice the cost."""
 
-    def __init__(self, img_size=64, num_points=30, maxpool=True):
+    def __init__(self, img_size=64, num_points=30, maxpool=True, head="heatmap", width=64):
         super().__init__()
-        self.img_size, self.num_points = img_size, num_points
+        if head not in LANDMARK_HEADS:
+            raise ValueError(f"unknown landmark head {head!r}")
+        self.img_size, self.num_points, self.kind = img_size, num_points, head
         self.backbone, dim = build_backbone("resnet18", pretrained=False, pool="flatten", img_size=img_size,
                                             maxpool=maxpool)
-        self.head = nn.Linear(dim, len(POSES) + 2 * num_points)
+        self.head = nn.Linear(dim, len(POSES) + (2 * num_points if head == "flatten" else 0))
+        if head == "heatmap":
+            self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in (64, 128, 256, 512))  # layer1..layer4
+            self.heat = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                      nn.ReLU(inplace=True), nn.Conv2d(width, num_points, 1))
+
+    def stages(self, x):
+        """The ResNet's four stages' maps (strides 4, 8, 16, 32 with the max-pool)."""
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))
+        maps = []
+        for layer in (b.layer1, b.layer2, b.layer3, b.layer4):
+            x = layer(x)
+            maps.append(x)
+        return maps
+
+    def heatmap_points(self, maps):
+        """Top-down pyramid to the first stage's resolution -> expected (x, y) of each landmark's softmax."""
+        top = self.lateral[3](maps[3])
+        for lateral, m in zip(self.lateral[2::-1], maps[2::-1]):
+            top = lateral(m) + F.interpolate(top, size=m.shape[-2:], mode="nearest")
+        heat = self.heat(top).float()                                            # (N, P, h, w)
+        n, p, h, w = heat.shape
+        prob = heat.flatten(2).softmax(-1).view(n, p, h, w)
+        xs = (torch.arange(w, device=heat.device, dtype=heat.dtype) + 0.5) / w   # cell centres, units of the side
+        ys = (torch.arange(h, device=heat.device, dtype=heat.dtype) + 0.5) / h
+        return torch.stack([(prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)], -1)  # (N, P, 2)
 
     def forward(self, x):
-        out = self.head(self.backbone(x))                                        # (N, 4 + 2P)
-        logits, points = out.split([len(POSES), 2 * self.num_points], dim=1)
-        return logits, 0.5 + points.view(-1, self.num_points, 2)                 # points around the centre
+        if self.kind == "flatten":
+            out = self.head(self.backbone(x))                                    # (N, 4 + 2P)
+            logits, points = out.split([len(POSES), 2 * self.num_points], dim=1)
+            return logits, 0.5 + points.view(-1, self.num_points, 2)             # points around the centre
+        maps = self.stages(x)
+        return self.head(torch.flatten(maps[3], 1)), self.heatmap_points(maps)

@@ -265,3 +265,24 @@ def test_wing_loss_weighs_small_errors_more_than_l1_and_the_refine_margin_is_che
     assert torch.allclose(w[3:] - w[2:4], torch.tensor([10.0, 10.0]))   # linear as L1 beyond w = 10
     r = cli(landmarks, "--data-root", "x", "--out", "x", "--refine-margin", "0.8")
     assert r.returncode == 2 and "--refine-margin must be in [1, 3]" in r.stderr
+
+
+def test_the_heatmap_head_reads_each_landmark_where_its_heatmap_peaks(tmp_path):
+    net = LandmarkNet(64, head="heatmap").eval()
+    logits, points = net(torch.zeros(2, 3, 64, 64))
+    assert logits.shape == (2, len(POSES)) and points.shape == (2, 30, 2)
+
+    class Peak(torch.nn.Module):  # every landmark's heatmap one sharp peak at row 3, column 10 of 16
+        def forward(self, top):
+            heat = torch.zeros(len(top), 30, *top.shape[-2:])
+            heat[:, :, 3, 10] = 50.0
+            return heat
+    net.heat = Peak()
+    _, points = net(torch.zeros(1, 3, 64, 64))
+    assert torch.allclose(points[0], torch.tensor([10.5, 3.5]) / 16, atol=1e-4)  # (x, y) of the cell's centre
+    # a checkpoint of a heatmap network loads as one
+    path = tmp_path / "best.pt"
+    torch.save({"model": LandmarkNet(32, head="heatmap").state_dict(), "args": {"img_size": 32, "head": "heatmap"},
+                "poses": POSES, "epoch": 1}, path)
+    assert landmarks.FaceFinder.load(str(path)).net.kind == "heatmap"
+
