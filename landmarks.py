@@ -38,6 +38,7 @@ PATCH = 32          # background patches, cut from the corners of photos, outsid
 FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
 REFINE_MARGIN = 1.3        # the square the second and third looks take around the face box (1.6 before the
                            # --refine-margin flag: results/landmarks, margin13 against e20)
+REFINE_JITTER = 0.2        # how far off a refining look's training views put the face (0.08 before --refine-jitter)
 MIRRORED = [0, 1, 3, 2]     # POSES of a mirrored view: left and right swap
 FOUND = 0.5                # a face is found where P(no face) on the whole picture is below this
 
@@ -117,9 +118,11 @@ def corner_patches(images, valid, faces, frac=0.3):
     return torch.stack(out).to(torch.uint8)
 
 
-def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFINE_MARGIN):
+def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFINE_MARGIN, jitter=REFINE_JITTER):
     """A batch of training views: each photo of `rows` scaled, turned and placed at random on a background
-    (profiles mirrored half the time, their pose label swapped), or the background alone.
+    (profiles mirrored half the time, their pose label swapped), or the background alone. The views as the
+    refining looks see a face have its centre up to `jitter` of the side off the view's centre and its size
+    up to 1.5 jitter off 1/margin, so that a look learns to correct a first guess that is off.
     -> (x float (n, 3, size, size) in [0, 1], pose labels (n,), points (n, 30, 2) in units of the side)."""
     n = len(rows)
     pose = torch.as_tensor(d.pose[rows])
@@ -132,12 +135,12 @@ def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFI
     lo, hi = map(math.log, FACE_SCALE)
     anywhere = torch.rand(n, generator=gen) < 0.5
     frac = torch.where(anywhere, torch.exp(lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)),
-                       (1 + 0.15 * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)) / margin)
+                       (1 + 1.5 * jitter * (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1)) / margin)
     zoom = frac * size / side
     angle = (torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * math.radians(max_degrees)
     f = frac[:, None]
     u = torch.rand(n, 2, generator=gen, dtype=torch.float64)
-    centre = size * torch.where(anywhere[:, None], f / 2 + (1 - f) * u, 0.5 + 0.08 * (2 * u - 1))
+    centre = size * torch.where(anywhere[:, None], f / 2 + (1 - f) * u, 0.5 + jitter * (2 * u - 1))
     m = torch.eye(3, dtype=torch.float64).repeat(n, 1, 1)                      # (n, 3, 3) canvas -> view
     cos, sin, flip = zoom * torch.cos(angle), zoom * torch.sin(angle), torch.where(mirror, -1.0, 1.0).double()
     m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = flip * cos, -sin, flip * sin, cos
@@ -300,6 +303,10 @@ def get_args_parser():
     p.add_argument("--refine-margin", type=float, default=REFINE_MARGIN,
                    help=f"the second and third looks' square, as a multiple of the face box's side (default: "
                         f"{REFINE_MARGIN})")
+    p.add_argument("--refine-jitter", type=float, default=REFINE_JITTER,
+                   help="the refining looks' training views: the face's centre up to this share of the view off its "
+                        "centre, its size up to 1.5 times as much off 1/margin, in [0, 0.3] (default: "
+                        f"{REFINE_JITTER}; 0.08, with the size 0.15 off, before the flag)")
     p.add_argument("--epochs", type=int, default=18,
                    help="epochs over the training photos (default: 18, under 10 minutes on a 2-core CPU with --amp)")
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
@@ -333,6 +340,8 @@ def check_args(args):
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
     if not (math.isfinite(args.refine_margin) and 1 <= args.refine_margin <= 3):
         raise UserError(f"--refine-margin must be in [1, 3], got {args.refine_margin}")
+    if not (math.isfinite(args.refine_jitter) and 0 <= args.refine_jitter <= 0.3):
+        raise UserError(f"--refine-jitter must be in [0, 0.3], got {args.refine_jitter}")
     if args.profile_share is not None and not 0 < args.profile_share < 1:
         raise UserError(f"--profile-share must be in (0, 1), got {args.profile_share}")
     if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
@@ -386,7 +395,8 @@ def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     steps, total, t0 = len(order) // args.batch_size, 0.0, time.time()
     for step in range(steps):
         rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()
-        x, pose, target = random_views(d, rows, args.img_size, gen, margin=args.refine_margin)
+        x, pose, target = random_views(d, rows, args.img_size, gen, margin=args.refine_margin,
+                                       jitter=args.refine_jitter)
         with amp_autocast(torch.device("cpu"), args.amp):  # bf16 where the CPU has it, else a no-op
             logits, points = net(normalise(x).contiguous(memory_format=layout))
         loss = landmark_loss(logits.float(), points.float(), pose, target, args.loss, args.img_size)
