@@ -286,3 +286,20 @@ def test_the_heatmap_head_reads_each_landmark_where_its_heatmap_peaks(tmp_path):
                 "poses": POSES, "epoch": 1}, path)
     assert landmarks.FaceFinder.load(str(path)).net.kind == "heatmap"
 
+
+
+def test_refine_jitter_moves_the_refining_views_face_off_the_centre(tmp_path):
+    root, points = dot_photos(tmp_path)
+    d = landmarks.FaceData(Photos(root, points), np.arange(3), workers=1)
+    rows = np.tile(np.arange(3), 60)
+
+    def offsets(jitter):  # each view's face-box centre from the view's centre, in units of its side
+        gen = torch.Generator().manual_seed(0)
+        _, pose, target = landmarks.random_views(d, rows, 64, gen, p_empty=0.0, max_degrees=0.0, jitter=jitter)
+        boxes = [align.face_box(t.numpy(), POSES[k]) for t, k in zip(target, pose)]
+        return np.array([np.abs((b[:2] + b[2:]) / 2 - 0.5).max() for b in boxes])
+    still, moved = offsets(0.0), offsets(0.25)
+    assert 0.3 < (still < 1e-4).mean() < 0.7       # the refining half of the views: the face exactly centred
+    assert (moved < 1e-4).mean() < 0.05 and ((moved > 0.1) & (moved <= 0.25 + 1e-6)).mean() > 0.1
+    r = cli(landmarks, "--data-root", "x", "--out", "x", "--refine-jitter", "0.5")
+    assert r.returncode == 2 and "--refine-jitter must be in [0, 0.3]" in r.stderr
