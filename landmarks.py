@@ -185,7 +185,7 @@ class FaceFinder:
         a = ckpt["args"]
         net = LandmarkNet(a["img_size"], maxpool=a.get("maxpool", True), head=a.get("head", "flatten"))
         load_weights(net, ckpt["model"], path)
-        margin = ckpt["args"].get("refine_margin", 1.6)  # a network trained before --refine-margin used 1.6
+        margin = a.get("refine_margin", 1.6)  # a network trained before --refine-margin used 1.6
         finder = cls(net.to(device), device=device, margin=margin)
         with open(path, "rb") as f:
             finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
