@@ -552,18 +552,18 @@ def landmark_tables(folder):
     """The landmark networks of a folder (landmarks.py runs), and the verification runs evaluated with their
     landmarks (the evaluate.py --json files beside them, verify_*.json)."""
     lines = ["| network | protocol | head | profile share | px | epochs | minutes | test NME frontal | NME profile | "
-             "pose acc | found, pasted at 1/2 | at 1/4 | ms a photo |", "|" + "---|" * 13]
+             "pose acc | found, pasted at 1/2 | at 1/4 | a face where none is | ms a photo |", "|" + "---|" * 14]
     checks = []
     for run in find_runs(folder):
         try:
             c, m = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "metrics.json"))
             a, t = c["args"], m["test"]
-            share = a.get("profile_share")
+            share, alone = a.get("profile_share"), m.get("background_alone", {}).get("found")
             lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a.get('head', 'flatten')} | "
                          f"{'each photo once' if share is None else share} | {a['img_size']} | {a['epochs']} | "
                          f"{m['train_minutes']:.1f} | {t['nme_frontal']:.4f} | {t['nme_profile']:.4f} | "
                          f"{t['pose_acc']:.4f} | {m['pasted_0.5']['found']:.4f} | {m['pasted_0.25']['found']:.4f} | "
-                         f"{t['ms_per_photo']:.1f} |")
+                         f"{'' if alone is None else f'{alone:.4f}'} | {t['ms_per_photo']:.1f} |")
         except (OSError, ValueError, KeyError, TypeError) as e:
             lines.append(f"| {os.path.relpath(run, folder)} | unreadable: {type(e).__name__}: {str(e)[:80]} |")
         checks += [(os.path.relpath(run, folder), p) for p in

@@ -40,7 +40,7 @@ REFINE_MARGIN = 1.3        # the square the second and third looks take around t
                            # --refine-margin flag: results/landmarks, margin13 against e20)
 REFINE_JITTER = 0.2        # how far off a refining look's training views put the face (0.08 before --refine-jitter)
 MIRRORED = [0, 1, 3, 2]     # POSES of a mirrored view: left and right swap
-FOUND = 0.5                # a face is found where P(no face) on the whole picture is below this
+FOUND = 0.5                # a face is found where P(no face) is below this at the first look and at the last
 
 
 # ---------------------------------------------------------------------------
@@ -70,6 +70,13 @@ def sampling_theta(matrix, size_in, size_out):
 def face_square(points, pose, margin=REFINE_MARGIN):
     """The square (x0, y0, side) around a face's landmarks, as align.py's box alignment takes it."""
     return align.square_of(align.face_box(points, pose), margin)
+
+
+def mean_found(errors):
+    """The mean error over the faces found (a face not found has a NaN error); NaN when none was found."""
+    errors = np.asarray(errors, dtype=float)
+    errors = errors[~np.isnan(errors)]
+    return float(errors.mean()) if len(errors) else float("nan")
 
 
 def nme(pred, true, poses):
@@ -171,8 +178,9 @@ def normalise(x):
 class FaceFinder:
     """The landmark network applied to whole pictures: a look at the picture letterboxed, then two looks at
     the square around the landmarks found. find(pictures) -> one (points (30, 2) in picture pixels,
-    profile, pose) per picture, or None where no face is found. flip: each look averaged with the look at
-    its mirror image (a frontal face's landmarks are the plain look's: CFP marks the picture's left half)."""
+    profile, pose) per picture, or None where no face is found (the first look or the last says "no face").
+    flip: each look averaged with the look at its mirror image (a frontal face's landmarks are the plain
+    look's: CFP marks the picture's left half)."""
 
     def __init__(self, net, looks=3, device="cpu", flip=True, margin=REFINE_MARGIN):
         self.net, self.looks, self.device, self.flip, self.margin = net.eval(), looks, device, flip, margin
@@ -219,8 +227,8 @@ class FaceFinder:
         return [f[:3] if f[3] else None for f in self.find_all(pictures, chunk)]
 
     def find_all(self, pictures, chunk=64):
-        """-> per picture (points, profile, pose, found): the landmarks are the best guess even where the
-        first look found no face."""
+        """-> per picture (points, profile, pose, found): the landmarks are the best guess even where no
+        face was found."""
         out = []
         for i in range(0, len(pictures), chunk):
             out += self._find(pictures[i:i + chunk])
@@ -234,6 +242,7 @@ class FaceFinder:
             poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
             matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
             probs, points = self.look(pictures, matrices)
+        found &= probs[:, 0] < FOUND  # the close look confirms it: half the false faces go (results/landmarks)
         poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
         return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
 
@@ -242,17 +251,23 @@ class FaceFinder:
 # Pictures larger than the face: each photo pasted on a background cut from other photos
 
 
+def background_picture(w, h, backgrounds, rng, tiles=4):
+    """A w x h picture with no face: a mosaic of `tiles` x `tiles` pieces of the background photos."""
+    picture = Image.new("RGB", (w, h))
+    tw, th = math.ceil(w / tiles), math.ceil(h / tiles)
+    for ty in range(tiles):
+        for tx in range(tiles):
+            bg = backgrounds[rng.integers(len(backgrounds))]
+            picture.paste(bg.resize((tw, th), Image.BILINEAR), (tx * tw, ty * th))
+    return picture
+
+
 def paste(im, fraction, backgrounds, rng, tiles=4):
     """im pasted at a random place into a picture 1/fraction times its width and height, on a mosaic of
     `tiles` x `tiles` pieces of the background photos. -> (picture, matrix from im's pixels to the picture's)."""
     w, h = im.size
     W, H = round(w / fraction), round(h / fraction)
-    picture = Image.new("RGB", (W, H))
-    tw, th = math.ceil(W / tiles), math.ceil(H / tiles)
-    for ty in range(tiles):
-        for tx in range(tiles):
-            bg = backgrounds[rng.integers(len(backgrounds))]
-            picture.paste(bg.resize((tw, th), Image.BILINEAR), (tx * tw, ty * th))
+    picture = background_picture(W, H, backgrounds, rng, tiles)
     x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
     picture.paste(im, (x0, y0))
     return picture, np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
@@ -268,6 +283,13 @@ def background_pieces(pictures, points, poses, frac=0.3):
             if x + side <= face[0] or x >= face[2] or y + side <= face[1] or y >= face[3]:
                 out.append(im.crop((x, y, x + side, y + side)))
     return out
+
+
+def backgrounds_of(cfp, indices, rng, n=400):
+    """Background pieces (background_pieces) from n of the photos `indices`, by their given landmarks."""
+    some = np.asarray(indices)[rng.choice(len(indices), min(len(indices), n), replace=False)]
+    return background_pieces([open_image(cfp.paths[i]) for i in some], cfp.landmarks[some],
+                             [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in some])
 
 
 def iou(a, b):
@@ -425,7 +447,7 @@ def score_photos(finder, cfp, indices):
     errors = nme(pred, cfp.landmarks[indices], true_pose)
     pose_ok = np.array([f is not None and f[2] == t for f, t in zip(found, true_pose)])
     profile = cfp.profile[indices]
-    return {"nme_frontal": float(np.nanmean(errors[~profile])), "nme_profile": float(np.nanmean(errors[profile])),
+    return {"nme_frontal": mean_found(errors[~profile]), "nme_profile": mean_found(errors[profile]),
             "nme": errors,
             "pose_acc": float(pose_ok.mean()), "found": float(np.mean([f is not None for f in found])),
             "images": len(indices), "ms_per_photo": 1000 * seconds / len(indices)}, pictures, pred
@@ -447,7 +469,20 @@ def found_in_pasted(finder, cfp, indices, fraction, seed=0):
             ok = f is not None and iou(align.face_box(f[0], f[2]), align.face_box(true, pose)) >= 0.5
             hits.append(ok)
             errors.append(nme(f[0][None], true[None], [pose])[0] if f is not None else np.nan)
-    return {"found": float(np.mean(hits)), "nme": float(np.nanmean(errors))}
+    return {"found": float(np.mean(hits)), "nme": mean_found(errors)}
+
+
+def found_in_backgrounds(finder, cfp, indices, seed=0):
+    """Pictures with no face, each a mosaic of background pieces the size of one of the photos: the share in
+    which a face is found anyway (false faces)."""
+    rng = np.random.default_rng(seed)
+    pieces = backgrounds_of(cfp, indices, rng)
+    sizes = [Image.open(cfp.paths[i]).size for i in indices]
+    found = []
+    for k in range(0, len(sizes), 64):
+        pictures = [background_picture(w, h, pieces, rng) for w, h in sizes[k:k + 64]]
+        found += [f is not None for f in finder.find(pictures)]
+    return {"found": float(np.mean(found)), "pictures": len(found)}
 
 
 def main(args):
@@ -488,7 +523,7 @@ def main(args):
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
         val, _, _ = score_photos(FaceFinder(net, margin=args.refine_margin), cfp, val_idx)
-        nme_val = float(np.nanmean(val.pop("nme")))
+        nme_val = mean_found(val.pop("nme"))
         history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
                         "val_found": val["found"], "minutes": (time.time() - t) / 60})
         log(f"epoch {epoch} done: loss {loss:.4f}, validation NME {nme_val:.4f} (frontal {val['nme_frontal']:.4f}, "
@@ -512,8 +547,9 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
     from plots import plot_landmark_curves, plot_landmarks
     finder = FaceFinder.load(os.path.join(args.out, "best.pt"))
     test, pictures, pred = score_photos(finder, cfp, sets["test"])
-    test["nme"] = float(np.nanmean(test["nme"]))
+    test["nme"] = mean_found(test["nme"])
     pasted = {f"pasted_{f}": found_in_pasted(finder, cfp, sets["test"], f, args.seed) for f in (0.5, 0.25)}
+    pasted["background_alone"] = found_in_backgrounds(finder, cfp, sets["test"], args.seed)
     best = min(history, key=lambda h: h["val_nme"])
     metrics = {"test": test, **pasted, "best_epoch": best["epoch"], "val_nme": best["val_nme"],
                "train_minutes": train_seconds / 60, "test_folds": split_folds(args.protocol, args.test_fold)["test"]}
@@ -525,7 +561,8 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
                    os.path.join(args.out, "landmarks.png"))
     log(f"best epoch {best['epoch']}; test: NME frontal {test['nme_frontal']:.4f}, profile {test['nme_profile']:.4f}, "
         f"pose accuracy {test['pose_acc']:.4f}, {test['ms_per_photo']:.1f} ms a photo; pasted at 1/2: found "
-        f"{pasted['pasted_0.5']['found']:.4f}, at 1/4: {pasted['pasted_0.25']['found']:.4f}; "
+        f"{pasted['pasted_0.5']['found']:.4f}, at 1/4: {pasted['pasted_0.25']['found']:.4f}; a face found in "
+        f"{pasted['background_alone']['found']:.4f} of pictures without one; "
         f"{train_seconds / 60:.1f} min -> {args.out}")
     return metrics
 
@@ -539,9 +576,7 @@ def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chu
     given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
     true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
     if fraction is not None:
-        some = rng.choice(len(indices), min(len(indices), 400), replace=False)
-        pieces = background_pieces([open_image(cfp.paths[indices[k]]) for k in some],
-                                   cfp.landmarks[indices[some]], [true_pose[k] for k in some])
+        pieces = backgrounds_of(cfp, indices, rng)
     out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     found, located = [], []
     for k in range(0, len(indices), chunk):

@@ -22,12 +22,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
+import align
 from align import ALIGN_MODES, NUM_POINTS, Aligner
 from data import (KINDS, RESIZE_MODES, IdentityPairSet, ImageBank, ImageSet, PairSet, augment, clutter,
                   draw_pairs, holdout_identities, join, load_cfp, load_dataset, open_image, preprocess,
                   read_pair_file, split_folds, write_pair_file)
 from evaluate import dataset_label, evaluate, write_scores
-from landmarks import FaceFinder
+from landmarks import FaceFinder, backgrounds_of, paste
 from losses import ARCH_LOSSES, LOSSES, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
@@ -43,13 +44,13 @@ RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "
 MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed_dim", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align",
-                         "align_margin", "landmark_net", "predict_landmarks", "augment", "jitter", "clutter",
-                         "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
+                         "align_margin", "landmark_net", "predict_landmarks", "landmarks_pasted", "augment",
+                         "jitter", "clutter", "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
                          "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
 EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none",
                     "align_margin": 1.25, "maxpool": True, "landmark_net": "", "predict_landmarks": False,
-                    "eval_root": "", "holdout": 0.1}
+                    "landmarks_pasted": 0.0, "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -118,6 +119,11 @@ def get_args_parser():
     g.add_argument("--predict-landmarks", action="store_true",
                    help="with --landmark-net: every image's landmarks from the network, its landmark file ignored, "
                         "so that training aligns faces as photos without files are aligned (default: off)")
+    g.add_argument("--landmarks-pasted", type=float, default=0.0, metavar="F",
+                   help="with --predict-landmarks: each training photo is first pasted at a random place into a "
+                        "picture, on a mosaic of other training photos' corners, the face a fraction drawn from [F, 1] "
+                        "of the picture's width, so that the network learns from the landmarks a face found in a "
+                        "larger picture gets; validation and test photos are placed as they are (default: 0, off)")
     g.add_argument("--align-margin", type=float, default=1.25,
                    help="with --align: the square's side as a multiple of the face box's larger side (default: 1.25)")
     g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
@@ -201,7 +207,7 @@ def check_ranges(args):
         if not ok:
             raise UserError(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
     for flag in ("lr", "weight_decay", "warmup_epochs", "freeze", "dropout", "margin", "scale", "align_margin",
-                 "clutter"):
+                 "clutter", "landmarks_pasted"):
         value = getattr(args, flag)
         need(value is None or math.isfinite(value), flag, "a finite number")
     for flag in ("batch_size", "epochs", "img_size", "embed_dim", "eval_batch_size", "print_freq"):
@@ -214,6 +220,7 @@ def check_ranges(args):
     need(args.dropout is None or 0 <= args.dropout < 1, "dropout", "in [0, 1)")
     need(1 <= args.align_margin <= 4, "align_margin", "in [1, 4]")
     need(0 <= args.clutter <= 1, "clutter", "in [0, 1]")
+    need(0 <= args.landmarks_pasted <= 1, "landmarks_pasted", "in [0, 1]")
     need(args.embed_dim <= 65536, "embed_dim", "at most 65536")
     need(args.img_size >= 32, "img_size", "at least 32 (five stride-2 stages)")
     need(args.scale is None or args.scale > 0, "scale", "positive")
@@ -245,6 +252,8 @@ def check_combinations(args):
         raise UserError("--jitter adds to --augment: it has no effect with --no-augment")
     if args.predict_landmarks and not args.landmark_net:
         raise UserError("--predict-landmarks needs --landmark-net RUN (a network trained by landmarks.py)")
+    if args.landmarks_pasted and not args.predict_landmarks:
+        raise UserError("--landmarks-pasted places the training photos' landmarks: it needs --predict-landmarks")
     if args.clutter and not args.augment:
         raise UserError("--clutter adds to --augment: it has no effect with --no-augment")
     if args.clutter and args.align == "none":
@@ -551,7 +560,7 @@ def prepare_data(run, resume):
         raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
                         f"files or image list differ); use the run's own --data-root, or another --out")
     check_held_out(cfp, folds, train_images, run.val_pairs, run.test_pairs)
-    run.landmarks = place_landmarks(args, cfp, log)
+    run.landmarks = place_landmarks(args, cfp, log, train_images)
     run.aligner = build_aligner(args, cfp, train_images, resume)
     if LOSSES[args.loss].sampling == "images":
         run.train_set = ImageSet(train_images, cfp.identity)
@@ -843,10 +852,10 @@ def build_aligner(args, cfp, train_images, resume=None):
                         f"use --align box") from None
 
 
-def place_landmarks(args, cfp, log, chunk=256):
+def place_landmarks(args, cfp, log, train_images, chunk=256):
     """Where the faces' landmarks come from: the dataset's files, or (for images without them, with
     --landmark-net; for every image, with --predict-landmarks) the landmark network, run once over each such
-    image, which also gives its pose.
+    image, which also gives its pose; with --landmarks-pasted, over each training photo pasted into a picture.
     -> the record config.json keeps."""
     todo = np.arange(len(cfp.paths)) if cfp.landmarks is None or args.predict_landmarks else \
         np.flatnonzero(np.isnan(cfp.landmarks).any((1, 2)))
@@ -854,12 +863,16 @@ def place_landmarks(args, cfp, log, chunk=256):
         return {"source": "none" if cfp.landmarks is None else "given" if not len(todo) else "given for some"}
     finder = FaceFinder.load(args.landmark_net)
     t, missed = time.time(), []
+    pasting = Pasting(cfp, train_images, args.landmarks_pasted, args.seed) if args.landmarks_pasted else None
     if cfp.landmarks is None:
         cfp.landmarks = np.full((len(cfp.paths), NUM_POINTS, 2), np.nan)
     for start in range(0, len(todo), chunk):  # a chunk of photos in memory at a time
         rows = todo[start:start + chunk]
-        for i, (points, profile, _, ok) in zip(rows, finder.find_all([open_image(cfp.paths[i]) for i in rows])):
-            cfp.landmarks[i] = points
+        pictures, moved = [open_image(cfp.paths[i]) for i in rows], [np.eye(3)] * len(rows)
+        if pasting:
+            pictures, moved = pasting(pictures, rows)
+        for i, m, (points, profile, _, ok) in zip(rows, moved, finder.find_all(pictures)):
+            cfp.landmarks[i] = align.apply(np.linalg.inv(m), points)  # back to the photo's own pixels
             if cfp.layout == "folders":  # CFP's folders tell the pose; identity folders do not
                 cfp.profile[i] = profile
             if not ok:
@@ -867,7 +880,27 @@ def place_landmarks(args, cfp, log, chunk=256):
     log(f"landmarks: predicted for {len(todo)} images by {args.landmark_net} in {time.time() - t:.0f}s; "
         f"no face found in {len(missed)} (their best guess kept){': ' + ', '.join(missed[:3]) if missed else ''}")
     return {"source": "predicted" if len(todo) == len(cfp.paths) else f"predicted for {len(todo)} images",
-            **finder.source, "no_face_found": len(missed)}
+            **finder.source, "no_face_found": len(missed),
+            **({"training_photos_pasted": f"face {args.landmarks_pasted:g} to 1 of the picture"} if pasting else {})}
+
+
+class Pasting:
+    """--landmarks-pasted: the training photos among a chunk pasted at random into larger pictures, the face a
+    fraction of the width drawn log-uniformly from [smallest, 1], on the corners of other training photos
+    (landmarks.paste). __call__(pictures, rows) -> (pictures, matrices from each photo's pixels to its picture's)."""
+
+    def __init__(self, cfp, train_images, smallest, seed):
+        if cfp.landmarks is None or np.isnan(cfp.landmarks[train_images]).any():
+            raise UserError("--landmarks-pasted cuts backgrounds outside the training faces by their landmark "
+                            f"files: {cfp.root} lacks some")
+        self.rng = np.random.default_rng(seed)
+        self.train, self.smallest = set(np.asarray(train_images).tolist()), smallest
+        self.pieces = backgrounds_of(cfp, np.asarray(train_images), self.rng)
+
+    def __call__(self, pictures, rows):
+        out = [paste(im, math.exp(self.rng.uniform(math.log(self.smallest), 0)), self.pieces, self.rng)
+               if i in self.train else (im, np.eye(3)) for im, i in zip(pictures, rows)]
+        return [p for p, _ in out], [m for _, m in out]
 
 
 def view_name(args):

@@ -37,12 +37,18 @@ def dry_run_lines(*ids):
 
 def all_rows():
     with open(os.path.join(ROOT, "experiments.sh")) as f:
-        return [(m.group(1), m.group(2)) for m in re.finditer(r"^run (\S+) (python train\.py .*)$", f.read(), re.M)]
+        return [(m.group(1), m.group(2)) for m in re.finditer(r"^run (\S+) (python (?:train|landmarks)\.py .*)$",
+                                                              f.read(), re.M)]
+
+
+def train_rows():
+    return [(i, line) for i, line in all_rows() if line.startswith("python train.py ")]
 
 
 def test_dry_run_lists_every_seed_row():
     lines = dry_run_lines()
-    assert len(lines) == len(all_rows()) >= 30 and all(line.startswith("python train.py ") for line in lines)
+    assert len(lines) == len(all_rows()) >= 30
+    assert all(line.startswith(("python train.py ", "python landmarks.py ")) for line in lines)
     assert set(SEED_IDS) <= {i for i, _ in all_rows()}
     outs = [shlex.split(line)[shlex.split(line).index("--out") + 1] for line in lines]
     assert len(outs) == len(set(outs)), "two rows share a run folder"
@@ -66,7 +72,7 @@ def test_every_line_builds_what_it_asks_for(toy):
     would check the same things at minutes of cost). Identical configurations are built once."""
     cfp = data.load_cfp(toy)
     built = {}
-    for exp_id, line in all_rows():
+    for exp_id, line in train_rows():
         argv = shlex.split(line)[2:]
         args = train.get_args_parser().parse_args(argv + ["--data-root", toy])
         train.check_args(args)
@@ -194,3 +200,20 @@ def test_help_lists_every_id():
     r = sh("--help")
     listed = {line.split()[0] for line in r.stdout.splitlines() if line.startswith("  ") and line.split()}
     assert {i for i, _ in all_rows()} <= listed
+
+
+def test_the_landmark_lines_parse_and_train_the_network_the_predicted_line_uses(toy, tmp_path):
+    import landmarks
+    trained = {}  # --out of each landmarks.py row -> its place in the file
+    for n, (_, line) in enumerate(all_rows()):
+        argv = shlex.split(line)
+        if argv[1] == "landmarks.py":
+            args = landmarks.get_args_parser().parse_args(argv[2:] + ["--data-root", toy])
+            trained[args.out] = n
+            args.out = str(tmp_path / "lm")  # a user's finished run there would refuse a second
+            landmarks.check_args(args)
+        elif "--landmark-net" in argv:  # its landmark network is trained by a row before it
+            assert trained.get(argv[argv.index("--landmark-net") + 1], n) < n, line
+    assert trained and any("--landmark-net" in line for _, line in all_rows())
+    r = sh("--dry-run", "landmarks", env={"LANDMARK_ARGS": "--epochs 1", "EXTRA_ARGS": "--max-steps 2"})
+    assert r.stdout.strip().endswith("--amp --epochs 1")  # each script gets its own extra flags

@@ -100,6 +100,7 @@ def test_the_landmark_network_trains_and_reports(lm_run):
     m = json.loads((lm_run / "metrics.json").read_text())
     assert set(m["test"]) >= {"nme_frontal", "nme_profile", "pose_acc", "found", "ms_per_photo"}
     assert 0 <= m["test"]["pose_acc"] <= 1 and m["test"]["images"] == 2 * 14 * 2  # folds 9-10: 2 ids each
+    assert 0 <= m["background_alone"]["found"] <= 1 and m["background_alone"]["pictures"] == m["test"]["images"]
     for f in ("config.json", "history.csv", "log.txt", "curves.png", "landmarks.png", "best.pt"):
         assert (lm_run / f).exists(), f
     r = cli(landmarks, "--data-root", "x", "--out", lm_run)
@@ -303,3 +304,51 @@ def test_refine_jitter_moves_the_refining_views_face_off_the_centre(tmp_path):
     assert (moved < 1e-4).mean() < 0.05 and ((moved > 0.1) & (moved <= 0.25 + 1e-6)).mean() > 0.1
     r = cli(landmarks, "--data-root", "x", "--out", "x", "--refine-jitter", "0.5")
     assert r.returncode == 2 and "--refine-jitter must be in [0, 0.3]" in r.stderr
+
+
+def test_landmarks_placed_in_a_pasted_picture_come_back_in_the_photos_own_pixels(tmp_path):
+    """--landmarks-pasted: the training photos pasted into larger pictures, the others as they are; a dot found
+    in the picture maps back onto the photo's dot."""
+    root, points = dot_photos(tmp_path)
+    photos = Photos(root, points)
+    pasting = train.Pasting(photos, np.array([0, 1]), 0.25, seed=0)
+    pictures = [data.open_image(p) for p in photos.paths]
+    finder = landmarks.FaceFinder(DotNet(), looks=1, flip=False)
+    for _ in range(5):
+        out, moved = pasting(pictures, np.arange(3))
+        assert out[2] is pictures[2] and np.array_equal(moved[2], np.eye(3))  # not a training photo
+        assert all(q.size[0] > p.size[0] for p, q in zip(pictures[:2], out[:2]))
+        for p, q, m, (found, *_) in zip(pictures, out, moved, finder.find_all(list(out))):
+            dot = np.argwhere(np.asarray(p).mean(2) > 128).mean(0)[::-1] + 0.5   # (x, y) in the photo
+            back = align.apply(np.linalg.inv(m), found)[0]
+            assert np.abs(back - dot).max() < 0.6 * max(q.size) / 32 + 1, (back, dot)  # a view pixel's error
+    r = cli(train, "--data-root", "x", "--landmarks-pasted", "0.5")
+    assert r.returncode == 2 and "--landmarks-pasted places the training photos' landmarks" in r.stderr
+    r = cli(train, "--data-root", "x", "--predict-landmarks", "--landmark-net", "x", "--landmarks-pasted", "2")
+    assert r.returncode == 2 and "--landmarks-pasted must be in [0, 1], got 2.0" in r.stderr
+
+
+def test_predict_landmarks_with_pasted_training_photos_records_it(lm_run, toy_lm, tmp_path):
+    args = smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--max-steps", "1",
+                      "--landmark-net", lm_run, "--predict-landmarks", "--landmarks-pasted", "0.5")
+    train.main(args)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["landmarks"]["training_photos_pasted"] == "face 0.5 to 1 of the picture"
+
+
+def test_a_face_is_found_only_where_the_last_look_confirms_the_first():
+    class Doubtful(DotNet):  # "a face" at the first look, "no face" at every later one
+        calls = 0
+
+        def forward(self, x):
+            logits, points = super().forward(x)
+            self.calls += 1
+            if self.calls > 1:
+                logits = torch.zeros_like(logits)
+                logits[:, 0] = 5.0
+            return logits, points
+    im = Image.new("RGB", (64, 64))
+    im.putpixel((20, 30), (255, 255, 255))
+    assert landmarks.FaceFinder(DotNet(), flip=False).find([im])[0] is not None
+    assert landmarks.FaceFinder(Doubtful(), flip=False).find([im]) == [None]
+    assert landmarks.FaceFinder(Doubtful(), looks=1, flip=False).find([im])[0] is not None  # one look: both
