@@ -591,11 +591,11 @@ class ImageBank:
         return self.images[torch.as_tensor(rows, device=self.images.device)]
 
 
-def preprocess(x, train=False, jitter=False, clutter_p=0.0):
+def preprocess(x, train=False, jitter=False, clutter_p=0.0, clutter_pieces=None):
     """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
     x = x.float() / 255
     if train:
-        x = augment(clutter(x, clutter_p) if clutter_p else x, jitter=jitter)
+        x = augment(clutter(x, clutter_p, clutter_pieces) if clutter_p else x, jitter=jitter)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -637,16 +637,18 @@ def mosaic(patches, n, size, gen=None):
     return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
 
 
-def clutter(x, p=0.5):
-    """Where an aligned face's square reached outside its photo, a mosaic of pieces of the batch's images
-    instead of black, in a share p of the images: the surroundings a face found in a larger picture has
-    (landmarks.py). The pieces are the images' central halves, which lie inside their photos. The pixels
-    replaced are those black in every channel, as the warp leaves outside the photo; a photo's own pixel
-    that is exactly (0, 0, 0) goes too, which an augmentation can afford. x: (B, 3, H, W) in [0, 1]."""
+def clutter(x, p=0.5, pieces=None):
+    """Where an aligned face's square reached outside its photo, a mosaic of pieces instead of black, in a
+    share p of the images: the surroundings a face found in a larger picture has (landmarks.py). The pieces
+    are `pieces` (uint8 (P, 3, h, w): train.py --clutter-from photos, corners of photos outside their faces)
+    or the batch images' central halves, which lie inside their photos. The pixels replaced are those black
+    in every channel, as the warp leaves outside the photo; a photo's own pixel that is exactly (0, 0, 0)
+    goes too, which an augmentation can afford. x: (B, 3, H, W) in [0, 1]."""
     b, size = x.shape[0], x.shape[-1]
     outside = (x == 0).all(1, keepdim=True) & (torch.rand(b) < p).to(x.device).view(b, 1, 1, 1)
     q = size // 4
-    return torch.where(outside, mosaic(x[..., q:size - q, q:size - q], b, size), x)
+    fill = mosaic(x[..., q:size - q, q:size - q], b, size) if pieces is None else mosaic(pieces, b, size) / 255
+    return torch.where(outside, fill.to(x.dtype), x)
 
 
 def color_jitter(x, max_color=0.3, p_gray=0.2):

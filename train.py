@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
+from PIL import Image
 
 import align
 from align import ALIGN_MODES, NUM_POINTS, Aligner
@@ -45,12 +46,13 @@ MODEL_KEYS = ("arch", "variation", "loss", "backbone", "pool", "maxpool", "embed
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "holdout", "pairs_from", "resize", "align",
                          "align_margin", "landmark_net", "predict_landmarks", "landmarks_pasted", "augment",
-                         "jitter", "clutter", "margin", "scale", "freeze", "dropout", "fix_bn_scale", "optimizer", "weight_decay",
-                         "decay_norm_bias", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
+                         "jitter", "clutter", "clutter_from", "margin", "scale", "freeze", "dropout", "fix_bn_scale",
+                         "optimizer", "weight_decay", "decay_norm_bias", "schedule", "warmup_epochs", "batch_size",
+                         "seed", "amp")
 # What a run made before a setting existed ran with (its saved args lack the key).
-EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "dropout": 0.0, "align": "none",
-                    "align_margin": 1.25, "maxpool": True, "landmark_net": "", "predict_landmarks": False,
-                    "landmarks_pasted": 0.0, "eval_root": "", "holdout": 0.1}
+EARLIER_DEFAULTS = {"pool": "avg", "jitter": False, "clutter": 0.0, "clutter_from": "batch", "dropout": 0.0,
+                    "align": "none", "align_margin": 1.25, "maxpool": True, "landmark_net": "",
+                    "predict_landmarks": False, "landmarks_pasted": 0.0, "eval_root": "", "holdout": 0.1}
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
 SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 
@@ -139,6 +141,10 @@ def get_args_parser():
                    help="with --augment and an aligned view: in a share P of the training images, what the "
                         "aligned square shows outside the photo (black) becomes a mosaic of other images, as "
                         "around a face found in a larger picture (default: 0, off)")
+    g.add_argument("--clutter-from", default="batch", choices=["batch", "photos"],
+                   help="--clutter's mosaic: pieces of the batch's faces (their central halves), or corners of "
+                        "400 training photos outside their faces, as a larger picture shows around a face "
+                        "(default: batch)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
                    help="keep decoded images on disk here, so later runs start at once (default: off)")
@@ -258,6 +264,8 @@ def check_combinations(args):
         raise UserError("--clutter adds to --augment: it has no effect with --no-augment")
     if args.clutter and args.align == "none":
         raise UserError("--clutter fills what an aligned square shows outside the photo: it needs --align")
+    if args.clutter_from != "batch" and not args.clutter:
+        raise UserError(f"--clutter-from {args.clutter_from} chooses --clutter's pieces: it needs --clutter P")
     if args.batch_size < 2 and (sampling == "images" or args.arch == 1):
         raise UserError(f"--arch {args.arch} --loss {args.loss} needs --batch-size of at least 2 (BatchNorm "
                         f"{'on the embedding' if sampling == 'images' else 'in the decision network'})")
@@ -387,7 +395,7 @@ def train_one_epoch(objective, train_set, bank, optimizer, scheduler, scaler, ep
         idx = order[step * args.batch_size:(step + 1) * args.batch_size]
         inputs, target = train_set.batch(bank, idx, swap=True)
         inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment, jitter=args.jitter,
-                             clutter_p=args.clutter)
+                             clutter_p=args.clutter, clutter_pieces=ctx["clutter_pieces"])
                   for x in inputs]
         if ctx["channels_last"]:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
@@ -562,6 +570,8 @@ def prepare_data(run, resume):
     check_held_out(cfp, folds, train_images, run.val_pairs, run.test_pairs)
     run.landmarks = place_landmarks(args, cfp, log, train_images)
     run.aligner = build_aligner(args, cfp, train_images, resume)
+    run.clutter_pieces = clutter_pieces(cfp, train_images, args.seed, run.device) \
+        if args.clutter and args.clutter_from == "photos" else None
     if LOSSES[args.loss].sampling == "images":
         run.train_set = ImageSet(train_images, cfp.identity)
     elif args.pairs_from == "identities":
@@ -730,7 +740,7 @@ def record_run(run, resume):
                                                  "lr": args.lr, **git_state()})
         write_json(path, config)
     run.log(f"{args.out}: {built}")
-    plot_inputs(input_samples(run.train_set, run.bank, run.val_pairs, run.cfp, args),
+    plot_inputs(input_samples(run.train_set, run.bank, run.val_pairs, run.cfp, args, run.clutter_pieces),
                 os.path.join(args.out, "inputs.png"),
                 title=f"{os.path.basename(args.out)}: what the network sees ({view_name(args)}, {args.img_size}px)")
 
@@ -752,7 +762,7 @@ def train_epochs(run):
     run.ctx = ctx = {"device": run.device, "rank": run.rank, "world": run.world, "log": run.log,
                      "step": run.epoch * run.steps_per_epoch, "autocast": amp_autocast(run.device, args.amp),
                      "channels_last": run.channels_last, "t_start": time.time(), "epoch_seconds": 0.0,
-                     "steps": run.steps}
+                     "steps": run.steps, "clutter_pieces": run.clutter_pieces}
     for epoch in range(run.epoch, args.epochs):
         # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
         torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, run.rank]).generate_state(1)[0]))
@@ -884,6 +894,17 @@ def place_landmarks(args, cfp, log, train_images, chunk=256):
             **({"training_photos_pasted": f"face {args.landmarks_pasted:g} to 1 of the picture"} if pasting else {})}
 
 
+def clutter_pieces(cfp, train_images, seed, device, size=32):
+    """--clutter-from photos: the corners of 400 training photos that stay outside their faces (by the
+    landmarks the run aligns with), uint8 (P, 3, size, size) on device."""
+    marked = np.asarray(train_images)[np.isfinite(cfp.landmarks[train_images]).all((1, 2))]
+    pieces = backgrounds_of(cfp, marked, np.random.default_rng(seed)) if len(marked) else []
+    if not pieces:
+        raise UserError("--clutter-from photos: no training photo has a corner outside its face to cut a piece from")
+    return torch.stack([torch.from_numpy(np.asarray(p.resize((size, size), Image.BILINEAR)).copy()).permute(2, 0, 1)
+                        for p in pieces]).to(device)
+
+
 class Pasting:
     """--landmarks-pasted: the training photos among a chunk pasted at random into larger pictures, the face a
     fraction of the width drawn log-uniformly from [smallest, 1], on the corners of other training photos
@@ -907,13 +928,13 @@ def view_name(args):
     return args.resize if args.align == "none" else f"{args.align}-aligned, margin {args.align_margin:g}"
 
 
-def input_samples(train_set, bank, val_pairs, cfp, args, n=16):
+def input_samples(train_set, bank, val_pairs, cfp, args, pieces=None, n=16):
     """A training batch after augmentation and validation faces of each pose, as uint8 images."""
     idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n]
     inputs, _ = train_set.batch(bank, idx)
     x = inputs[0].float() / 255
     if args.augment:
-        x = augment(clutter(x, args.clutter) if args.clutter else x, jitter=args.jitter)
+        x = augment(clutter(x, args.clutter, pieces) if args.clutter else x, jitter=args.jitter)
     val = np.unique(val_pairs[:, :2])
     rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (x * 255).round().byte()}
     for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):

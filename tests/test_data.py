@@ -298,6 +298,9 @@ def test_clutter_fills_only_what_lies_outside_the_photo():
     untouched = (out[..., :3] == 0).flatten(1).all(1)
     assert (filled ^ untouched).all() and 150 < int(filled.sum()) < 250
     assert torch.equal(data.clutter(x, p=0.0), x)
+    pieces = torch.full((20, 3, 8, 8), 200, dtype=torch.uint8)  # --clutter-from photos: these pieces instead
+    out = data.clutter(x, p=1.0, pieces=pieces)
+    assert torch.equal(out[..., 3:], x[..., 3:]) and torch.allclose(out[..., :3], torch.tensor(200 / 255))
 
 
 def test_without_jitter_augment_draws_as_before():

@@ -352,3 +352,16 @@ def test_a_face_is_found_only_where_the_last_look_confirms_the_first():
     assert landmarks.FaceFinder(DotNet(), flip=False).find([im])[0] is not None
     assert landmarks.FaceFinder(Doubtful(), flip=False).find([im]) == [None]
     assert landmarks.FaceFinder(Doubtful(), looks=1, flip=False).find([im])[0] is not None  # one look: both
+
+
+def test_clutter_from_photos_cuts_pieces_outside_the_training_faces(toy_lm, tmp_path):
+    cfp = data.load_cfp(toy_lm)
+    train_images = cfp.images_of([1, 2, 3, 4, 5, 6])
+    pieces = train.clutter_pieces(cfp, train_images, 0, "cpu")
+    assert pieces.dtype == torch.uint8 and pieces.shape[1:] == (3, 32, 32) and len(pieces) >= len(train_images)
+    cfp.landmarks[:] = np.nan  # no face box to stay outside of: nothing to cut
+    with pytest.raises(UserError, match="--clutter-from photos: no training photo"):
+        train.clutter_pieces(cfp, train_images, 0, "cpu")
+    train.main(smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--max-steps", "2",
+                          "--augment", "--clutter", "0.5", "--clutter-from", "photos"))
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["clutter_from"] == "photos"

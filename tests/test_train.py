@@ -341,6 +341,8 @@ ERROR_PATHS = {
     "clutter above 1": (["--clutter", "1.5"], "--clutter must be in"),
     "clutter without augment": (["--clutter", "0.5", "--no-augment"], "--clutter adds to --augment"),
     "clutter unaligned": (["--clutter", "0.5", "--align", "none"], "--clutter .* needs --align"),
+    "clutter pieces without clutter": (["--clutter-from", "photos"], "--clutter-from photos .* needs --clutter P"),
+    "pasted landmarks without prediction": (["--landmarks-pasted", "0.5"], "it needs --predict-landmarks"),
 }
 
 
