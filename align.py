@@ -21,6 +21,7 @@ NUM_POINTS = 30
 JAW, NOSE = slice(0, 9), slice(18, 25)
 CHIN = 8            # 0-based index of the lowest jaw point
 LIFT = 0.08         # the square's centre above the face box's centre, as a fraction of the box's height
+MARGIN = 1.25       # the square's side as a multiple of the face box's larger side (results/cfp-seed: 1.25)
 ALIGN_MODES = ("none", "box", "template")
 
 
@@ -108,7 +109,7 @@ def build_templates(landmarks, profile, margin):
     return templates
 
 
-def warp_matrix(points, profile, size, mode, margin=1.25, templates=None):
+def warp_matrix(points, profile, size, mode, margin=MARGIN, templates=None):
     """3x3 matrix from the original image's pixels to the size x size output's, for one face."""
     pose = pose_of(points, profile)
     flip = mirror_matrix(pose)
@@ -127,16 +128,16 @@ class Aligner:
     """How a run puts faces into its square: the mode, the margin and, for 'template', the two templates
     (kept in the checkpoint, so evaluation aligns test faces exactly as training did)."""
 
-    def __init__(self, mode, margin=1.25, templates=None):
+    def __init__(self, mode, margin=MARGIN, templates=None):
         if mode not in ALIGN_MODES[1:]:
             raise ValueError(f"unknown alignment {mode!r}")
         self.mode, self.margin = mode, margin
         self.templates = {k: np.asarray(v, dtype=np.float64) for k, v in (templates or {}).items()}
 
     @classmethod
-    def fit(cls, mode, margin, landmarks, profile):
+    def fit(cls, mode, landmarks, profile):
         """An aligner whose templates come from these (training) faces."""
-        return cls(mode, margin, build_templates(landmarks, profile, margin) if mode == "template" else None)
+        return cls(mode, MARGIN, build_templates(landmarks, profile, MARGIN) if mode == "template" else None)
 
     def state(self):
         return {"mode": self.mode, "margin": self.margin,

@@ -17,13 +17,13 @@ import torchvision.transforms as T
 from PIL import Image
 
 from align import ALIGN_MODES, Aligner
-from data import ImageBank, PairSet, decode_image, load_cfp, preprocess, split_folds
+from data import PairSet, load_cfp, split_folds
 from evaluate import evaluate, extract
-from losses import build_loss
+from images import ImageBank, decode_image, preprocess
+from losses import Objective, build_loss
 from models import BACKBONES, build_model, pair_score
 from toy import make_toy
-from train import Objective
-from utils import UserError, amp_dtype, run_cli
+from utils import UserError, amp_dtype, channels_last, run_cli
 
 
 def get_args_parser():
@@ -50,7 +50,6 @@ def get_args_parser():
     p.add_argument("--seed-baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the seed's data path (default: off)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
@@ -97,7 +96,7 @@ def load_bank(args, device):
         if cfp.landmarks is None:
             raise UserError(f"--align {args.align}: {root} has no Data/Fiducials landmark files")
         images = cfp.images_of(split_folds("seed")["train"])
-        aligner = Aligner.fit(args.align, 1.25, cfp.landmarks[images], cfp.profile[images])
+        aligner = Aligner.fit(args.align, cfp.landmarks[images], cfp.profile[images])
     bank = ImageBank(cfp, pairs.pairs[:, :2].numpy().ravel(), args.img_size,
                      device=device if device.type == "cuda" else "cpu", aligner=aligner)
     return cfp, pairs, bank, time.time() - t
@@ -109,13 +108,13 @@ class Steps:
     def __init__(self, args, device, cfp, pairs, bank):
         self.args, self.device, self.cfp, self.pairs, self.bank = args, device, cfp, pairs, bank
         loss = "cosine" if args.arch == 2 else "ce"
-        self.model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss}).to(device)
+        self.model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss, "pretrained": False,
+                                  "maxpool": True, "variation": False, "freeze": 0.0, "dropout": 0.0}).to(device)
         self.objective = Objective(self.model, build_loss(loss)).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, weight_decay=5e-4)
         self.dtype = amp_dtype(device) if args.amp else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
-        # as train.py: channels_last on CUDA and with CPU bf16
-        self.fmt = torch.channels_last if device.type == "cuda" or self.dtype else torch.contiguous_format
+        self.fmt = torch.channels_last if channels_last(device, self.dtype) else torch.contiguous_format
         self.model = self.model.to(memory_format=self.fmt)
         self.order = torch.randperm(len(pairs))
         self.seed_tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandomHorizontalFlip(),

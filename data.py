@@ -1,4 +1,4 @@
-"""CFP (Celebrities in Frontal-Profile): protocol parsing, image cache, batches.
+"""Datasets: CFP's protocol (Celebrities in Frontal-Profile), identity folders, the roles of a split, samplers.
 
 Official layout (Sengupta et al., WACV 2016):
 
@@ -11,39 +11,28 @@ Any other face dataset trains in torchvision's ImageFolder layout, one folder pe
 
     ROOT/IDENTITY/**/NAME.{jpg,jpeg,png,bmp,webp}        (no Protocol/ folder; pose and landmarks unknown)
 
-Every image is decoded, aligned or resized once into a uint8 tensor; augmentation and
-normalisation then run on whole batches, on the training device.
+The pixels (decoding, the uint8 bank, augmentation, normalisation) are images.py's.
 
     python data.py --check DIR      summary of a dataset folder and its landmarks, non-zero exit on the first problem
-    python data.py --make-toy DIR   write a small synthetic dataset in the same layout
-    python data.py --make-toy-folders DIR [--identities N --per-identity M]   synthetic identity folders
     python data.py --to-folders CFP_ROOT DIR [--folds 1 2 ...]   CFP's images as identity folders (symbolic links)
 """
 import argparse
-import glob
 import hashlib
 import math
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
 from align import NUM_POINTS
-from utils import UserError, atomic_save, atomic_write, run_cli
+from images import decode_image, warn
+from utils import DataError, UserError, atomic_write, quote, run_cli
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 KINDS = ("FF", "FP")
 NUM_FOLDS = 10
-
-
-class DataError(UserError):
-    pass
 
 
 # ---------------------------------------------------------------------------
@@ -75,11 +64,6 @@ class CFP:
     def images_of(self, folds):
         """Every image of the identities that appear in the given folds."""
         return np.flatnonzero(np.isin(self.identity, self.identities_of(folds)))
-
-
-def quote(text, limit=60):
-    """repr() of an input line, cut short: a 50 MB line must not become a 50 MB error message."""
-    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _read_lines(path):
@@ -154,16 +138,22 @@ def read_landmarks(path):
     return np.array(points)
 
 
-def landmarks_of_photo(path):
-    """(points, profile) for an image in a CFP-layout folder, from its Data/Fiducials file; the pose comes from
-    the folder it is in (frontal or profile). A photo without a landmark file is refused, naming it."""
+def cfp_place(path):
+    """(the root of the CFP layout a photo lies in, whether its folder says profile), or (None, None)."""
     parts = os.path.abspath(path).split(os.sep)
     for i in range(len(parts) - 2, 0, -1):
         if parts[i - 1:i + 1] == ["Data", "Images"]:
-            f = landmark_file(os.sep.join(parts[:i - 1]) or os.sep, os.path.abspath(path))
-            if os.path.isfile(f):
-                return read_landmarks(f), "profile" in parts[i + 1:-1]
-            break
+            return os.sep.join(parts[:i - 1]) or os.sep, "profile" in parts[i + 1:-1]
+    return None, None
+
+
+def landmarks_of_photo(path):
+    """(points, profile) for an image in a CFP-layout folder, from its Data/Fiducials file; the pose comes from
+    the folder it is in (frontal or profile). A photo without a landmark file is refused, naming it."""
+    root, profile = cfp_place(path)
+    f = root and landmark_file(root, os.path.abspath(path))
+    if f and os.path.isfile(f):
+        return read_landmarks(f), profile
     raise DataError(f"{path} has no landmark file (Data/Fiducials/.../NN.txt beside a CFP-layout "
                     f"Data/Images/...): this run aligns faces by their landmarks")
 
@@ -185,7 +175,7 @@ def load_cfp(root):
     """Parse the protocol of a CFP-layout folder. Images are not opened here."""
     if not root or not os.path.isdir(root):
         raise DataError(f"--data-root {root!r} is not a folder (set --data-root or $CFP_ROOT; "
-                        f"`python data.py --make-toy toy` writes a synthetic one)")
+                        f"`python toy.py toy` writes a synthetic one)")
     if not os.path.isdir(os.path.join(root, "Protocol")):
         raise DataError(f"--data-root {root!r} has no Protocol/ folder: not a CFP-layout dataset")
     frontal = _read_image_list(root, "Pair_list_F.txt")
@@ -224,6 +214,18 @@ def split_folds(protocol, test_fold=None):
         train = [k for k in range(1, NUM_FOLDS + 1) if k not in (test_fold, val)]
         return {"train": train, "val": [val], "test": [test_fold]}
     raise UserError(f"unknown protocol {protocol!r}")
+
+
+def dataset_label(root):
+    """CFP, toy or other, from what a dataset folder holds (or, when it is gone, its name)."""
+    readme = os.path.join(root or "", "Readme.txt")
+    if os.path.isfile(readme):
+        with open(readme, errors="replace") as f:
+            head = f.read(200)
+        return "toy" if head.startswith("SYNTHETIC toy") else ("CFP" if "Frontal" in head or "CFP" in head
+                                                                else "other")
+    name = os.path.basename(os.path.normpath(root or "")).lower()
+    return "toy" if "toy" in name else ("CFP" if "cfp" in name else "other")
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +309,60 @@ def draw_pairs(ds, ids, seed, n=HOLDOUT_PAIRS):
     return np.array(rows, dtype=np.int64)
 
 
+def split(root, eval_root, protocol, test_fold, seed, pairs_dir=None):
+    """The dataset at root and its roles -> (dataset, folds, training images, (validation pairs, kinds), (test
+    pairs, kinds)), for a CFP layout (its folds), identity folders validated and tested on eval_root's CFP folds,
+    or identity folders with held-out identities (pairs drawn once with the seed; read again from pairs_dir's
+    pairs_val.txt and pairs_test.txt where they are). Training never sees a validation or test person or image."""
+    ds = load_dataset(root)
+    if ds.layout == "cfp":
+        if eval_root:
+            raise UserError(f"--eval-root is for identity-folder training data; {root} is a CFP-layout dataset, "
+                            f"which validates and tests on its own folds")
+        folds = split_folds(protocol, test_fold)
+        roles = ds, folds, ds.images_of(folds["train"]), ds.pairs(folds["val"]), ds.pairs(folds["test"])
+    elif eval_root:
+        n, folds = len(ds.paths), split_folds(protocol, test_fold)
+        ds = join(ds, load_cfp(eval_root))
+        roles = ds, {"train": f"identity folders of {root}", "val": folds["val"], "test": folds["test"]}, \
+            np.arange(n), ds.pairs(folds["val"]), ds.pairs(folds["test"])
+    else:
+        train_ids, *held_out = holdout_identities(ds, seed)
+        pairs = []
+        for role, ids in zip(("val", "test"), held_out):
+            path = pairs_dir and os.path.join(pairs_dir, f"pairs_{role}.txt")
+            rows = read_pair_file(path, ds) if path and os.path.isfile(path) else draw_pairs(ds, ids, seed)
+            pairs.append((rows, np.full(len(rows), "pairs")))
+        folds = {"train": f"{len(train_ids)} identities", "val": f"{len(held_out[0])} held-out identities",
+                 "test": f"{len(held_out[1])} held-out identities"}
+        roles = ds, folds, np.flatnonzero(np.isin(ds.identity, train_ids)), *pairs
+    check_held_out(*roles)
+    return roles
+
+
+def check_held_out(cfp, folds, train_images, val, test):
+    """Training never sees a validation or test person or image, on any protocol; a layout that makes every
+    image its own identity (a flattened folder) is refused before anything is trained."""
+    if len(np.unique(cfp.identity[train_images])) == len(train_images):
+        raise UserError(f"{cfp.root}: every training image is its own identity; is the layout "
+                        f"Data/Images/<identity>/{{frontal,profile}}/NN.jpg (CFP) or IDENTITY/NAME.jpg (folders)?")
+    held_out = np.unique(np.concatenate([val[0][:, :2].ravel(), test[0][:, :2].ravel()]))
+    shared_ids = np.intersect1d(cfp.identity[train_images], cfp.identity[held_out])
+    shared_images = np.intersect1d(train_images, held_out)
+    names = np.array(cfp.names or [], dtype=object)
+    same_names = cfp.layout == "folders" and \
+        set(names[cfp.identity[train_images]]) & {n.split(":")[-1] for n in names[cfp.identity[held_out]]}
+    if same_names:
+        warn(f"{len(same_names)} training identity folders have the names of validation or test identities (e.g. "
+             f"{sorted(same_names)[0]!r}): if they are the same people, the test is not held out")
+    if len(shared_ids) or len(shared_images):
+        raise UserError(f"{cfp.root}: {len(shared_ids)} identities and {len(shared_images)} images of the validation "
+                        f"or test folds {folds['val'] + folds['test']} are also in the training folds; the folds "
+                        f"must be identity-disjoint (python data.py --check {cfp.root})")
+    if not len(val[0]):
+        raise UserError(f"{cfp.root}: validation folds {folds['val']} hold no pairs")
+
+
 def write_pair_file(path, ds, pairs):
     """Pairs as 'a,b,same' lines, a and b relative to the dataset root: the run's own held-out pairs."""
     rel = [os.path.relpath(p, ds.root) for p in ds.paths]
@@ -330,341 +386,6 @@ def read_pair_file(path, ds):
         rows.append((index[parts[0]], index[parts[1]], int(parts[2])))
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
-
-# ---------------------------------------------------------------------------
-# Images: decode once, keep uint8
-
-
-RESIZE_MODES = ("pad", "crop", "squash")
-
-
-def to_square(im, size, resize="pad"):
-    """PIL RGB image -> size x size. pad: whole image, aspect kept, black borders; crop: centre square,
-    aspect kept; squash: stretched to the square (the seed's transform)."""
-    w, h = im.size
-    if resize == "squash":
-        return im.resize((size, size), Image.BILINEAR)
-    if resize == "crop":
-        side = min(w, h)
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-        return im.resize((size, size), Image.BILINEAR, box=box)
-    if resize == "pad":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        out = Image.new("RGB", (size, size))
-        out.paste(im.resize((nw, nh), Image.BILINEAR), ((size - nw) // 2, (size - nh) // 2))
-        return out
-    raise ValueError(f"unknown resize mode {resize!r}")
-
-
-def warp(im, matrix, size):
-    """PIL image -> size x size through `matrix` (3x3, the image's pixels -> the output's pixels).
-
-    A large image is first shrunk by a box filter to at most twice the output's scale, so that the
-    bilinear sampling of the warp does not alias."""
-    scale = math.sqrt(abs(np.linalg.det(matrix[:2, :2])))  # output pixels per image pixel
-    k = max(1, int(0.5 / scale))
-    if k > 1:
-        im = im.reduce(k)
-    inverse = np.diag([1 / k, 1 / k, 1.0]) @ np.linalg.inv(matrix)  # output pixel -> (shrunk) image pixel
-    return im.transform((size, size), Image.AFFINE, tuple(inverse[:2].ravel()), Image.BILINEAR)
-
-
-def to_rgb(im, path):
-    """Any mode -> RGB as an image viewer shows it: 16- and 32-bit greys scaled to 8 bits (convert() would
-    clip them to white), transparency composited on white; a fully transparent picture is refused."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        a = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        im = Image.fromarray((a / top * 255).clip(0, 255).round().astype(np.uint8))
-    elif im.mode == "F":
-        raise DataError(f"cannot decode image {path}: floating-point pixels (mode F) have no standard brightness")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = im.convert("RGBA")
-        alpha = im.getchannel("A")
-        if alpha.getextrema()[1] == 0:
-            raise DataError(f"cannot decode image {path}: it is fully transparent")
-        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, im)
-    return im.convert("RGB")
-
-
-def open_image(path, draft=None):
-    """File -> RGB PIL image as an image viewer shows it: EXIF orientation applied, any mode (grayscale, CMYK,
-    16-bit, transparency) made RGB; errors name the file. draft: let a JPEG decoder downscale towards it."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a FIFO or a device would block open() forever
-        raise DataError(f"image {path} is {'a folder' if os.path.isdir(path) else 'not a regular file'}")
-    try:
-        with Image.open(path) as im:
-            if draft:
-                im.draft("RGB", (draft, draft))  # JPEG: let the decoder downscale by 1/2..1/8 first
-            try:
-                im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
-            except Exception as e:  # Pillow's EXIF parsing of a damaged file can raise almost anything
-                raise DataError(f"cannot read the EXIF data of image {path} ({type(e).__name__})") from None
-            return to_rgb(im, path)
-    except FileNotFoundError:
-        raise DataError(f"missing image {path}") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image {path}: {quote(str(e), 120)}") from None
-
-
-def decode_image(path, size, resize="pad", matrix=None):
-    """File -> (3, size, size) uint8 tensor. Any size, any mode (grayscale, CMYK, ...) becomes RGB.
-
-    With matrix (3x3, from align.py), the face is warped by it instead of the whole image resized."""
-    im = open_image(path, draft=size if matrix is None else None)
-    try:
-        im = to_square(im, size, resize) if matrix is None else warp(im, matrix, size)
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot decode image {path}: {quote(str(e), 120)}") from None
-    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
-
-
-def _cache_file(cache_dir, paths, size, resize, matrices=None):
-    h = hashlib.sha1(f"{size}{resize}".encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    view = resize
-    if matrices is not None:  # aligned: the warps are part of what was decoded
-        h.update(np.ascontiguousarray(np.asarray(matrices, dtype=np.float64).round(6)).tobytes())
-        view = "aligned"
-    return os.path.join(cache_dir, f"cfp_{size}px_{view}_{len(paths)}img_{h.hexdigest()[:16]}.pt")
-
-
-def warn(message):
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def read_cache(path, shape):
-    """The cached images, or None (with a warning) when the file is damaged or holds something else.
-    Temp files that a killed write left beside it are removed first."""
-    for tmp in glob.glob(glob.escape(path) + ".tmp[0-9]*"):
-        os.remove(tmp)
-    if not os.path.isfile(path):
-        return None
-    try:
-        images = torch.load(path, weights_only=True)
-    except Exception as e:  # a truncated or foreign file: any of torch's, pickle's or zipfile's errors
-        warn(f"cache {path} cannot be read ({type(e).__name__}): decoding the images again")
-        return None
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
-        warn(f"cache {path} holds something else than {shape} uint8 images: decoding the images again")
-        return None
-    return images
-
-
-def write_cache(images, path):
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save(images, path)
-    except (OSError, UserError) as e:  # a full disk or a read-only folder: the run goes on without a cache
-        warn(f"the image cache {path} could not be written ({e}); going on without it")
-
-
-def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None):
-    """Decode every path once, resized whole or warped by its matrix (align.py): (N, 3, size, size) uint8.
-
-    With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes, the image
-    size and the warps, so later runs skip decoding. The cache is optional: whatever goes wrong with it,
-    the images are decoded."""
-    cache = None
-    if cache_dir:
-        try:
-            cache = _cache_file(cache_dir, paths, size, resize, matrices)
-        except OSError as e:  # a missing image: decoding will name it
-            warn(f"--cache-dir: {e.filename} cannot be read; decoding without the cache")
-    images = read_cache(cache, (len(paths), 3, size, size)) if cache else None
-    if images is not None:
-        return images
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
-    matrices = [None] * len(paths) if matrices is None else matrices
-    # Pillow releases the GIL while decoding and resizing, so threads use every core.
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in enumerate(pool.map(lambda p, m: decode_image(p, size, resize, m), paths, matrices)):
-            out[i] = img
-    if cache:
-        write_cache(out, cache)
-    return out
-
-
-def map_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None, chunk=1024):
-    """load_images for a set larger than memory: (N, 3, size, size) uint8 backed by an .npy file in cache_dir,
-    decoded chunk by chunk (under torchrun, rank r decodes chunks r, r + world, ...); a file a killed run
-    left half-written is decoded again, since only a finished one is renamed to its final name."""
-    dist = torch.distributed
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    path = _cache_file(cache_dir, paths, size, resize, matrices)[:-len(".pt")] + ".npy"
-    shape = (len(paths), 3, size, size)
-    images = read_mapped(path, shape)
-    if images is None:
-        tmp = f"{path}.part"
-        if rank == 0:
-            os.makedirs(cache_dir, exist_ok=True)
-            np.lib.format.open_memmap(tmp, "w+", np.uint8, shape).flush()
-        if world > 1:
-            dist.barrier()
-        out = np.load(tmp, mmap_mode="r+")
-        matrices = [None] * len(paths) if matrices is None else matrices
-        chunk = max(1, min(chunk, -(-len(paths) // world)))  # every rank has a share, however few the images
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            for start in range(rank * chunk, len(paths), world * chunk):
-                end = min(start + chunk, len(paths))
-                decoded = pool.map(lambda p, m: decode_image(p, size, resize, m), paths[start:end], matrices[start:end])
-                out[start:end] = torch.stack(list(decoded)).numpy()
-        out.flush()
-        del out
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            os.replace(tmp, path)
-        if world > 1:
-            dist.barrier()
-        images = read_mapped(path, shape)
-    return torch.from_numpy(images)
-
-
-def read_mapped(path, shape):
-    """The .npy bank at path, mapped copy-on-write (rows are read from disk as they are indexed), or None."""
-    if not os.path.isfile(path):
-        return None
-    try:
-        images = np.load(path, mmap_mode="c")
-    except (OSError, ValueError) as e:
-        warn(f"cache {path} cannot be read ({type(e).__name__}): decoding the images again")
-        return None
-    if images.dtype != np.uint8 or images.shape != shape:
-        warn(f"cache {path} holds something else than {shape} uint8 images: decoding the images again")
-        return None
-    return images
-
-
-class ImageBank:
-    """The uint8 images a run needs, and the map from dataset index to row.
-
-    A set larger than memory_gib (default: half of this machine's memory) is decoded chunk by chunk into a
-    memory-mapped file in cache_dir, which the operating system pages in as batches need it; under torchrun
-    each rank decodes only its share of that file."""
-
-    def __init__(self, cfp, indices, size, workers=2, cache_dir="", device="cpu", resize="pad", aligner=None,
-                 memory_gib=None):
-        self.indices = np.unique(indices)
-        self.row = np.full(len(cfp.paths), -1, dtype=np.int64)
-        self.row[self.indices] = np.arange(len(self.indices))
-        need, memory = len(self.indices) * 3 * size * size, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        budget = 0.5 * memory if memory_gib is None else memory_gib * 2**30
-        mapped = need > budget
-        if mapped and not cache_dir:
-            raise DataError(f"--img-size {size}: the decoded images would need {need / 2**30:.1f} GiB "
-                            f"({len(self.indices)} x 3 x {size} x {size} bytes), more than the "
-                            f"{budget / 2**30:.1f} GiB --bank-memory allows in memory; give --cache-dir DIR to keep "
-                            f"them in a memory-mapped file there, or choose a smaller --img-size")
-        matrices = None
-        if aligner is not None:  # each face warped by its own landmarks (align.py)
-            if cfp.landmarks is None or np.isnan(cfp.landmarks[self.indices]).any():
-                raise DataError(f"{cfp.root}: images without landmarks (no Data/Fiducials) cannot be aligned; use "
-                                f"--align none, or --landmark-net RUN to predict them")
-            matrices = [aligner.matrix(cfp.landmarks[i], cfp.profile[i], size) for i in self.indices]
-        paths = [cfp.paths[i] for i in self.indices]
-        if mapped:
-            self.images = map_images(paths, size, workers, cache_dir, resize, matrices)
-            return
-        images = load_images(paths, size, workers, cache_dir, resize, matrices)
-        # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
-        self.images = images.to(device)
-
-    @classmethod
-    def of(cls, num_images, indices, images):
-        """A bank of images decoded elsewhere: images[k] is dataset image indices[k] (indices unique)."""
-        bank = cls.__new__(cls)
-        bank.indices, bank.images = np.asarray(indices), images
-        bank.row = np.full(num_images, -1, dtype=np.int64)
-        bank.row[bank.indices] = np.arange(len(bank.indices))
-        return bank
-
-    def __getitem__(self, dataset_indices):
-        rows = self.row[np.asarray(dataset_indices)]
-        if (rows < 0).any():  # row -1 would silently read the last image
-            missing = np.asarray(dataset_indices)[rows < 0]
-            raise IndexError(f"images {missing[:5].tolist()} are not in the image bank")
-        return self.images[torch.as_tensor(rows, device=self.images.device)]
-
-
-def preprocess(x, train=False, jitter=False, clutter_p=0.0, clutter_pieces=None):
-    """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
-    x = x.float() / 255
-    if train:
-        x = augment(clutter(x, clutter_p, clutter_pieces) if clutter_p else x, jitter=jitter)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
-def augment(x, max_degrees=20.0, jitter=False, max_scale=0.15, max_shift=0.1, max_color=0.3, p_gray=0.2):
-    """Random horizontal flip and rotation in [-max_degrees, max_degrees], per image, batched.
-
-    jitter adds a random zoom in [1 - max_scale, 1 + max_scale], a shift of up to max_shift of the side,
-    brightness, contrast and saturation factors in [1 - max_color, 1 + max_color] and grey with
-    probability p_gray. x: (B, 3, H, W) float in [0, 1]; the borders moved in are black. Parameters
-    come from the CPU generator, so runs repeat on any device."""
-    b = x.shape[0]
-    flip = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)                  # (B,)
-    angle = (torch.rand(b) * 2 - 1) * math.radians(max_degrees)         # (B,)
-    zoom, shift = torch.ones(b), torch.zeros(2, b)
-    if jitter:
-        zoom = 1 + (torch.rand(b) * 2 - 1) * max_scale                  # > 1 shows more of the image
-        shift = (torch.rand(2, b) * 2 - 1) * 2 * max_shift              # in [-1, 1] grid units
-    cos, sin = zoom * torch.cos(angle), zoom * torch.sin(angle)
-    # Output->input sampling matrix: rotation and zoom composed with a mirror of the x axis, then a shift.
-    theta = torch.stack([torch.stack([flip * cos, -sin, shift[0]], 1),
-                         torch.stack([flip * sin, cos, shift[1]], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    if jitter:
-        x = color_jitter(x, max_color, p_gray)
-    return x
-
-
-def mosaic(patches, n, size, gen=None):
-    """n backgrounds, each k x k of the patches (k from 1 to 4, drawn once) resized into tiles:
-    float (n, 3, size, size) in the patches' units. patches: (P, 3, h, w)."""
-    k = int(torch.randint(1, 5, (1,), generator=gen))
-    tile = math.ceil(size / k)
-    pick = torch.randint(len(patches), (n, k * k), generator=gen).to(patches.device)
-    tiles = F.interpolate(patches[pick.view(-1)].float(), size=(tile, tile), mode="bilinear",
-                          align_corners=False).view(n, k, k, 3, tile, tile)
-    return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
-
-
-def clutter(x, p=0.5, pieces=None):
-    """Where an aligned face's square reached outside its photo, a mosaic of pieces instead of black, in a
-    share p of the images: the surroundings a face found in a larger picture has (landmarks.py). The pieces
-    are `pieces` (uint8 (P, 3, h, w): train.py --clutter-from photos, corners of photos outside their faces)
-    or the batch images' central halves, which lie inside their photos. The pixels replaced are those black
-    in every channel, as the warp leaves outside the photo; a photo's own pixel that is exactly (0, 0, 0)
-    goes too, which an augmentation can afford. x: (B, 3, H, W) in [0, 1]."""
-    b, size = x.shape[0], x.shape[-1]
-    outside = (x == 0).all(1, keepdim=True) & (torch.rand(b) < p).to(x.device).view(b, 1, 1, 1)
-    q = size // 4
-    fill = mosaic(x[..., q:size - q, q:size - q], b, size) if pieces is None else mosaic(pieces, b, size) / 255
-    return torch.where(outside, fill.to(x.dtype), x)
-
-
-def color_jitter(x, max_color=0.3, p_gray=0.2):
-    """Per-image brightness, contrast and saturation factors in [1 - max_color, 1 + max_color], then grey
-    with probability p_gray (the torchvision ColorJitter/RandomGrayscale operations, batched)."""
-    b = x.shape[0]
-    factors = (1 + (torch.rand(3, b) * 2 - 1) * max_color).to(x.device, x.dtype).view(3, b, 1, 1, 1)
-    gray_p = (torch.rand(b) < p_gray).to(x.device, x.dtype).view(b, 1, 1, 1)
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    x = x * factors[0]                                                           # brightness
-    mean_gray = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)    # (B, 1, 1, 1)
-    x = (x - mean_gray) * factors[1] + mean_gray                                 # contrast
-    gray = (x * weights).sum(1, keepdim=True)                                    # (B, 1, H, W)
-    x = (x - gray) * factors[2] + gray                                           # saturation
-    x = x * (1 - gray_p) + gray * gray_p
-    return x.clamp(0, 1)
 
 
 class PairSet:
@@ -872,42 +593,17 @@ def check_landmarks(cfp, show=10):
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_mutually_exclusive_group(required=True)
-    g.add_argument("--check", metavar="DIR", type=str, help="summarise and verify a CFP-layout dataset folder")
-    g.add_argument("--make-toy", metavar="DIR", type=str, help="write the synthetic toy dataset into DIR")
-    g.add_argument("--make-toy-folders", metavar="DIR", type=str,
-                   help="write synthetic toy faces as identity folders, DIR/IDENTITY/NAME.jpg")
+    g.add_argument("--check", metavar="DIR", type=str, help="summarise and verify a dataset folder")
     g.add_argument("--to-folders", metavar=("CFP_ROOT", "DIR"), type=str, nargs=2,
                    help="link the images of a CFP root's identities into DIR as identity folders")
     parser.add_argument("--folds", type=int, nargs="+", default=None,
                         help="with --to-folders: only the identities of these folds (default: all)")
-    parser.add_argument("--identities", type=int, default=100, help="--make-toy-folders: identities (default: 100)")
-    parser.add_argument("--per-identity", type=int, default=14,
-                        help="--make-toy-folders: images per identity (default: 14)")
-    parser.add_argument("--max-size", type=int, default=88,
-                        help="--make-toy-folders: largest image side; the smallest is half of it (default: 88)")
     parser.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
-    parser.add_argument("--seed", type=int, default=0, help="toy dataset seed (default: 0)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     return parser
 
 
 def main(args):
-    if args.make_toy:
-        if os.path.exists(os.path.join(args.make_toy, "Protocol")):
-            raise UserError(f"--make-toy {args.make_toy}: a dataset is already there; choose another folder")
-        from toy import make_toy
-        make_toy(args.make_toy, seed=args.seed)
-        print(f"wrote the synthetic toy dataset to {args.make_toy}")
-    elif args.make_toy_folders:
-        from toy import make_toy_folders
-        if os.path.isdir(args.make_toy_folders) and os.listdir(args.make_toy_folders):
-            raise UserError(f"--make-toy-folders {args.make_toy_folders}: the folder is not empty; choose another")
-        if args.identities < 2 or args.per_identity < 2 or args.max_size < 16:
-            raise UserError("--make-toy-folders needs --identities and --per-identity of 2 or more, --max-size 16+")
-        make_toy_folders(args.make_toy_folders, args.identities, args.per_identity,
-                         (args.max_size // 2, args.max_size + 1), args.seed)
-        print(f"wrote {args.identities} x {args.per_identity} synthetic toy faces to {args.make_toy_folders}")
-    elif args.to_folders:
+    if args.to_folders:
         to_folders(*args.to_folders, args.folds)
     else:
         check(args.check, args.workers)

@@ -6,18 +6,22 @@
     python evaluate.py RUN_DIR --pairs LIST.txt     one "A B" path pair per line -> CSV
     python evaluate.py RUN_DIR --benchmark cfp --data-root CFP   the literature's CFP-FF/FP protocol (10 folds)
     python evaluate.py RUN_DIR --export embedder.pt2  the embedding network as one file torch alone loads
-    python evaluate.py --summarize runs/            Markdown table of every run (10-fold runs grouped)
-    python evaluate.py --summarize results --out results/README.md    the results page, regenerated
+    python evaluate.py --summarize runs/            Markdown table of every run (report.py)
+
+From Python, a run is a Verifier:
+
+    from evaluate import Verifier
+    v = Verifier("runs/t2")                         # landmark_net="runs/landmarks" for photos of any kind
+    same, score, threshold = v.verify("a.jpg", "b.jpg")
 """
 import argparse
-import contextlib
 import csv
-import glob
 import hashlib
 import io
-import json
+import itertools
+import math
 import os
-import re
+import stat
 import sys
 import time
 from collections import OrderedDict
@@ -25,17 +29,21 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+import export
 from align import Aligner
-from data import (KINDS, NUM_FOLDS, DataError, ImageBank, decode_image, landmarks_of_photo, load_cfp, load_dataset,
-                  open_image, preprocess, quote, read_pair_file, split_folds)
-from landmarks import FaceFinder, align_photos
-from metrics import accuracy, best_threshold, report, roc, tar_at_far, thresholds_by_kind, verification_metrics
+from data import (KINDS, NUM_FOLDS, cfp_place, join, landmarks_of_photo, load_cfp, load_dataset, read_pair_file,
+                  split_folds)
+from faces import FaceFinder, align_photos, prepare
+from images import ImageBank, decode_image, open_image, preprocess
+from metrics import accuracy, best_threshold, report, thresholds_by_kind, verification_metrics
 from models import build_model, pair_score
 from plots import plot_pair
-from utils import (UserError, all_gather_rows, amp_autocast, atomic_write, load_checkpoint, load_weights, run_cli,
-                   write_json)
+from report import summarize_runs
+from utils import (DataError, UserError, all_gather_rows, amp_autocast, amp_dtype, atomic_write, channels_last,
+                   load_checkpoint, load_weights, quote, run_cli, write_json)
 
 ROLE_NAMES = {"train": "seen in training", "val": "validation (thresholds chosen here)", "test": "test"}
+EVAL_BATCH = 64  # images per batch, as train.py embeds its validation and test images
 
 
 # ---------------------------------------------------------------------------
@@ -43,22 +51,21 @@ ROLE_NAMES = {"train": "seen in training", "val": "validation (thresholds chosen
 
 
 @torch.no_grad()
-def extract(model, bank, indices, batch_size=64, device="cpu", tta=False, autocast=None):
-    """Features of dataset images `indices` -> (N, D) float32 on the CPU, in the order given.
-
-    Under torchrun every rank embeds a share and the features are gathered."""
+def extract(model, bank, indices, batch_size=EVAL_BATCH, device="cpu", tta=False, amp=False):
+    """Features of dataset images `indices` -> (N, D) float32 on the CPU, in the order given, in the run's own
+    precision and layout. Under torchrun every rank embeds a share and the features are gathered."""
     device = torch.device(device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    layout = torch.channels_last if channels_last(device, amp_dtype(device) if amp else None) else \
+        torch.contiguous_format
     indices = np.asarray(indices)
     mine = indices[rank::world]
     model.eval()
 
     def embed(idx):
-        x = preprocess(bank[idx].to(device, non_blocking=True))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast or contextlib.nullcontext():
+        x = preprocess(bank[idx].to(device, non_blocking=True)).contiguous(memory_format=layout)
+        with amp_autocast(device, amp):
             f = model(x)
             if tta:  # insightface's flip test: the mean of the image's and its mirror's features
                 f = (f + model(torch.flip(x, dims=[3]))) / 2
@@ -87,11 +94,11 @@ def score_pairs(model, feats, row, pairs, batch_size=4096):
     return torch.cat(out).float().cpu()
 
 
-def evaluate(model, bank, pairs, criterion=None, batch_size=64, device="cpu", tta=False, autocast=None):
+def evaluate(model, bank, pairs, criterion=None, batch_size=EVAL_BATCH, device="cpu", tta=False, amp=False):
     """Scores and loss for pairs (P, 3) of dataset indices. Each unique image is embedded once."""
     indices = np.unique(pairs[:, :2])
     t = time.time()
-    feats = extract(model, bank, indices, batch_size, device, tta, autocast)
+    feats = extract(model, bank, indices, batch_size, device, tta, amp)
     row = np.full(int(indices.max()) + 1, -1)
     row[indices] = np.arange(len(indices))
     model.eval()
@@ -129,50 +136,75 @@ def write_scores(path, pairs, kinds, scores):
     atomic_write(path, buf.getvalue())
 
 
-def read_scores(path):
-    with open(path) as f:
-        rows = list(csv.DictReader(f))
-    return (np.array([float(r["score"]) for r in rows]), np.array([int(r["same"]) for r in rows]),
-            np.array([r["kind"] for r in rows]))
-
-
 # ---------------------------------------------------------------------------
-# Command line
+# A run as a Python object
+
+
+# what this code reads of a run's arguments; a run of earlier code that lacks one is refused
+CKPT_ARGS = ("arch", "variation", "loss", "backbone", "maxpool", "freeze", "dropout", "img_size", "resize", "amp",
+             "data_root", "eval_root", "protocol", "test_fold", "align", "landmark_net", "predict_landmarks")
 
 
 def load_model(path, device):
     """Rebuild a network from its checkpoint alone (no ImageNet download: the weights are in it)."""
     path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
     ckpt = load_checkpoint(path)
+    missing = [k for k in CKPT_ARGS if k not in ckpt["args"]] + [k for k in ("thresholds", "aligner") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} was written by an earlier version (it lacks {', '.join(missing)}): evaluate it "
+                        f"at the commit named in results/STUDIES.md")
     try:
         model = build_model({**ckpt["args"], "pretrained": False})
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{path}: its settings do not describe a network ({type(e).__name__}: {e})") from None
     load_weights(model, ckpt["model"], path)
     model = model.to(device).eval()
-    if device.type == "cuda" or amp_autocast(device, ckpt["args"].get("amp", False)).fast_dtype != torch.float32:
+    if channels_last(device, amp_dtype(device) if ckpt["args"]["amp"] else None):
         model = model.to(memory_format=torch.channels_last)  # the layout train.py evaluated in: the same scores
     return model, ckpt
 
 
-def run_thresholds(ckpt):
-    """The validation thresholds stored with a checkpoint: all pairs, FF, FP."""
-    return ckpt.get("thresholds") or {k: ckpt["threshold"] for k in ("all",) + KINDS}
-
-
 def aligner_of(ckpt):
     """The run's face alignment (None: whole images resized)."""
-    return Aligner(**ckpt["aligner"]) if ckpt.get("aligner") else None
+    return Aligner(**ckpt["aligner"]) if ckpt["aligner"] else None
 
 
-class Photos:
-    """How --pair and --pairs read a photo: as the run's network saw its test faces, aligned by the photo's
-    landmarks (its CFP landmark file, else, or with predicted=True always, the landmark network's) or
-    resized whole. photos(path) -> (3, S, S) uint8; photos.used[path]: 'given' or 'predicted'."""
+class Verifier:
+    """A trained run, to verify photos from Python as --pair and --pairs do from the command line.
 
-    def __init__(self, ckpt, finder=None, predicted=False):
-        self.args, self.aligner, self.finder, self.predicted = ckpt["args"], aligner_of(ckpt), finder, predicted
-        self.used = {}
+        v = Verifier("runs/t2", landmark_net="runs/landmarks")   # the network is optional for CFP's photos
+        features = v.embed(["a.jpg", "b.jpg"])                   # (2, D), as the run embeds its test faces
+        same, score, threshold = v.verify("a.jpg", "b.jpg", kind="FP")
+
+    A photo is read as the run's network saw its test faces: aligned by its landmarks (its CFP landmark file,
+    else, or with predicted=True always, the landmark network's) or resized whole. Scores equal the run's
+    test_scores.csv for CFP's own pairs."""
+
+    def __init__(self, run, landmark_net="", predicted=False, device=None):
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, self.ckpt = load_model(run, self.device)
+        self.args, self.aligner, self.run = self.ckpt["args"], aligner_of(self.ckpt), run
+        self.landmark_net = landmark_net or self.args["landmark_net"]  # default: the one the run trained with
+        self.finder = FaceFinder.load(self.landmark_net, self.device) if self.landmark_net else None
+        if self.finder is not None and self.aligner is None:
+            raise UserError(f"--landmark-net: {run} resizes whole images (--align none); it uses no landmarks")
+        self.predicted, self.used, self.profile, self.cache = predicted, {}, {}, FeatureCache()
+
+    @property
+    def thresholds(self):
+        """The run's validation thresholds: all pairs, FF, FP."""
+        return self.ckpt["thresholds"]
+
+    def photo(self, path):
+        """One photo as the run's network sees it -> (3, S, S) uint8."""
+        if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
+            what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
+            raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
+        matrix, self.profile[path] = None, cfp_place(path)[1]  # the pose its CFP folder says, if any
+        if self.aligner is not None:
+            points, self.profile[path] = self.landmarks(path)
+            matrix = self.aligner.matrix(points, self.profile[path], self.args["img_size"])
+        return decode_image(path, self.args["img_size"], self.args["resize"], matrix)
 
     def landmarks(self, path):
         if not self.predicted:
@@ -190,52 +222,59 @@ class Photos:
         self.used[path] = "predicted"
         return found[0], found[1]
 
-    def __call__(self, path):
-        if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
-            what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
-            raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
-        matrix = None
-        if self.aligner is not None:
-            points, profile = self.landmarks(path)
-            matrix = self.aligner.matrix(points, profile, self.args["img_size"])
-        return decode_image(path, self.args["img_size"], self.args.get("resize", "squash"), matrix)
+    def embed(self, paths):
+        """Features of photos (N, D), each distinct photo embedded once and kept for later calls; a photo
+        that cannot be read raises its one-line UserError."""
+        scores, _, errors = self.scores([(p, p) for p in paths])
+        if errors:
+            raise UserError(next(iter(errors.values())))
+        return torch.stack([self.cache.get(p) for p in paths])
 
+    def scores(self, pairs):
+        """Scores for (a, b) photo path pairs -> (scores, images decoded now by path, {path: reason}); NaN scores
+        for pairs with a photo that cannot be read."""
+        images, errors = {}, {}
+        for p in dict.fromkeys(p for pair in pairs for p in pair):
+            if p in self.cache:
+                continue
+            try:
+                images[p] = self.photo(p)
+            except UserError as e:
+                errors[p] = str(e)
+                self.cache.put(p, str(e))
+        if images:  # the same path as the fold evaluation: the scores equal the run's test_scores.csv
+            unique = list(images)
+            feats = extract(self.model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
+                            EVAL_BATCH, self.device, amp=self.args["amp"])
+            for p, f in zip(unique, feats):
+                self.cache.put(p, f)
+        scores = np.full(len(pairs), np.nan)
+        got = {p: self.cache.get(p) for pair in pairs for p in pair}
+        errors.update({p: f for p, f in got.items() if isinstance(f, str)})
+        ok = [i for i, (x, y) in enumerate(pairs) if x not in errors and y not in errors]
+        if ok:
+            f1, f2 = (torch.stack([got[pairs[i][c]] for i in ok]).to(self.device) for c in (0, 1))
+            with torch.no_grad():
+                scores[ok] = pair_score(self.model.compare(f1, f2)).float().cpu().numpy()
+        return scores, images, errors
 
-def verify(model, ckpt, paths, device, cache=None, photos=None):
-    """Scores for (a, b) image path pairs, each distinct image embedded once, in the run's own precision.
+    def kind(self, a, b):
+        """The threshold a pair of photos gets: FF for two frontal faces, FP where one is a profile (two profiles
+        too: CFP has no profile-profile pairs), each chosen on the run's validation pairs of that kind, by the
+        poses their CFP folders or the landmark network give; all pairs' where a pose is unknown."""
+        poses = [self.profile.get(p) for p in (a, b)]
+        kind = "all" if None in poses else "FP" if any(poses) else "FF"
+        return kind if math.isfinite(self.thresholds[kind]) else "all"  # held-out folder runs have one kind
 
-    -> (scores, images, errors): NaN scores for pairs with an image that cannot be read, the decoded
-    images by path, and {path: reason} for those that could not be. cache (a FeatureCache) keeps features
-    from earlier calls, so a long pair list embeds each image once."""
-    cache = FeatureCache() if cache is None else cache
-    photos = Photos(ckpt) if photos is None else photos
-    images, errors = {}, {}
-    for p in dict.fromkeys(p for pair in paths for p in pair):
-        if p in cache:
-            continue
-        try:
-            images[p] = photos(p)
-        except UserError as e:
-            errors[p] = str(e)
-            cache.put(p, str(e))
-    if images:
-        unique = list(images)
-        autocast = amp_autocast(device, ckpt["args"].get("amp", False))
-        # the same path as the fold evaluation: the scores equal the run's test_scores.csv
-        feats = extract(model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
-                        ckpt["args"].get("eval_batch_size", 64), device, autocast=autocast)
-        for p, f in zip(unique, feats):
-            cache.put(p, f)
-    scores = np.full(len(paths), np.nan)
-    got = {p: cache.get(p) for pair in paths for p in pair}
-    errors.update({p: f for p, f in got.items() if isinstance(f, str)})
-    ok = [i for i, (x, y) in enumerate(paths) if x not in errors and y not in errors]
-    if ok:
-        f1 = torch.stack([got[paths[i][0]] for i in ok]).to(device)
-        f2 = torch.stack([got[paths[i][1]] for i in ok]).to(device)
-        with torch.no_grad():
-            scores[ok] = pair_score(model.compare(f1, f2)).float().cpu().numpy()
-    return scores, images, errors
+    def verify(self, a, b, kind=None):
+        """-> (same person?, score, the run's validation threshold for pairs of this kind, the kind: by default
+        the one of the photos' poses)."""
+        scores, _, errors = self.scores([(a, b)])
+        if errors:
+            raise UserError(next(iter(errors.values())))
+        kind = kind or self.kind(a, b)
+        threshold = self.thresholds[kind]
+        return bool(scores[0] >= threshold), float(scores[0]), threshold, kind
 
 
 class FeatureCache:
@@ -259,17 +298,19 @@ class FeatureCache:
 
 
 def read_pair_list(path, chunk=4096):
-    """'A B' per line (a tab between paths that contain spaces), in chunks of lines:
-    yields (pairs, line numbers, [(line, reason)]) for each chunk, so a list of any length streams."""
-    if os.path.isdir(path):
-        raise UserError(f"--pairs {path} is a folder, not a list of pairs")
-    if not os.path.exists(path):
-        raise UserError(f"--pairs {path} does not exist")
-    if not os.path.isfile(path):
-        raise UserError(f"--pairs {path} is not a regular file")
+    """'A B' per line (a tab between paths that contain spaces), in chunks of lines, from a file, a pipe or
+    `-` (standard input): yields (pairs, line numbers, [(line, reason)]) for each chunk, so a list of any
+    length streams."""
+    if path != "-":
+        if os.path.isdir(path):
+            raise UserError(f"--pairs {path} is a folder, not a list of pairs")
+        if not os.path.exists(path):
+            raise UserError(f"--pairs {path} does not exist")
+        if not (os.path.isfile(path) or stat.S_ISFIFO(os.stat(path).st_mode)):
+            raise UserError(f"--pairs {path} is not a regular file or a pipe")
     pairs, numbers, bad = [], [], []
     try:
-        with open(path, encoding="utf-8-sig") as f:
+        with open(sys.stdin.fileno() if path == "-" else path, encoding="utf-8-sig", closefd=path != "-") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
                     line = line.rstrip()  # trailing spaces, tabs and the line end
@@ -287,139 +328,8 @@ def read_pair_list(path, chunk=4096):
     yield pairs, numbers, bad
 
 
-def dataset_label(root):
-    """CFP, toy or other, from what a dataset folder holds (or, when it is gone, its name)."""
-    readme = os.path.join(root or "", "Readme.txt")
-    if os.path.isfile(readme):
-        with open(readme, errors="replace") as f:
-            head = f.read(200)
-        return "toy" if head.startswith("SYNTHETIC toy") else ("CFP" if "Frontal" in head or "CFP" in head
-                                                                else "other")
-    name = os.path.basename(os.path.normpath(root or "")).lower()
-    return "toy" if "toy" in name else ("CFP" if "cfp" in name else "other")
-
-
-def _fmt(x, digits=3):
-    return "" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
-
-
-SUMMARY_COLUMNS = ["run", "data", "protocol", "arch", "loss", "backbone", "px", "view", "s", "dropout", "lr",
-                   "optimizer", "epochs", "steps", "pretrained", "val acc", "test acc", "FF acc", "FP acc", "FF AUC",
-                   "FP AUC", "best epoch"]
-
-
-def find_runs(root):
-    """Every folder under root with a config.json or metrics.json; symbolic links are not followed (no loops)."""
-    return sorted(d for d, _, files in os.walk(root) if {"config.json", "metrics.json"} & set(files))
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def view_of(a):
-    """How the run put faces into its square: aligned (template/box, margin) or the whole image (resize mode)."""
-    align = a.get("align") or "none"
-    return a.get("resize", "squash") if align == "none" else f"{align} {a.get('align_margin', 1.25):g}"
-
-
-def run_row(run, root):
-    """One table row for a run folder -> (row, args, metrics or None)."""
-    name = os.path.relpath(run, root) if os.path.relpath(run, root) != "." else os.path.basename(run)
-    config = read_json(os.path.join(run, "config.json"))
-    a = config["args"]
-    layout = (config.get("data") or {}).get("layout", "cfp")
-    protocol = a["protocol"] + (f" {a['test_fold']}" if a.get("test_fold") else "")
-    row = [name, (config.get("dataset") or dataset_label(a["data_root"])) + (" folders" if layout != "cfp" else ""),
-           protocol if layout == "cfp" or a.get("eval_root") else "held-out",
-           f"{a['arch']}{' var' if a.get('variation') else ''}", a["loss"], a["backbone"], str(a["img_size"]),
-           view_of(a), _fmt((config.get("built") or {}).get("scale") or a.get("scale"), 0),
-           _fmt(a.get("dropout") or 0.0, 1) if a["loss"] in ("arcface", "cosface") else "",
-           f"{a['lr']:g}", a["optimizer"], str(a["epochs"])]
-    pretrained = "yes" if a["pretrained"] else "no"
-    if not os.path.isfile(os.path.join(run, "metrics.json")):
-        done = 0
-        if os.path.isfile(os.path.join(run, "history.csv")):
-            with open(os.path.join(run, "history.csv")) as f:
-                done = max(0, sum(1 for _ in f) - 1)
-        return row + ["", pretrained, f"running or stopped: epoch {done}/{a['epochs']}"] + [""] * 6, a, None
-    m = read_json(os.path.join(run, "metrics.json"))
-    t = m["test"]
-    kind = lambda k, key: t.get(k, {}).get(key, float("nan"))  # held-out identity-folder pairs have no FF, FP
-    cells = [float(x) for x in (m["val_acc"], m["test_acc"], kind("FF", "acc"), kind("FP", "acc"), kind("FF", "auc"),
-                                kind("FP", "auc"))]
-    return row + [str(m.get("steps", "")), pretrained, *map(_fmt, cells), str(m["best_epoch"])], a, m
-
-
-def configuration_key(run, root):
-    """10-fold runs of one configuration: the same parent folder and the same name up to _foldK."""
-    parent = os.path.relpath(os.path.dirname(run), root)
-    base = re.sub(r"_?fold\d+$", "", os.path.basename(run)) or os.path.basename(run)
-    return base if parent == "." else os.path.join(parent, base)
-
-
-def summarize(root):
-    """Markdown table, one row per run under root (10-fold runs of one configuration also grouped)
-    -> (text, raw 10-fold values)."""
-    runs = find_runs(root)
-    if not runs:
-        raise UserError(f"--summarize: no run folders (with config.json) under {root}")
-    rows, folds, warnings = [], {}, []
-    for run in runs:
-        try:
-            row, a, m = run_row(run, root)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
-            rows.append([os.path.relpath(run, root), f"unreadable: {type(e).__name__}: {str(e)[:80]}"]
-                        + [""] * (len(SUMMARY_COLUMNS) - 2))
-            continue
-        rows.append(row)
-        if m is not None and a["protocol"] == "10fold":
-            key = configuration_key(run, root)
-            if a["test_fold"] in folds.get(key, {}):
-                warnings.append(f"warning: {key}: two runs test fold {a['test_fold']} "
-                                f"({folds[key][a['test_fold']][1]}, {run}); the first is used")
-                continue
-            folds.setdefault(key, {})[a["test_fold"]] = (m, run)
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in rows]
-    raw = [tenfold_values(key, by_fold) for key, by_fold in sorted(folds.items())]
-    if raw:
-        lines += ["", "10-fold protocol: test fold accuracy, each kind at its own validation-fold threshold; mean +- "
-                  "sample standard deviation (ddof 1) over folds; TAR@FAR pooled over the folds' test scores (the "
-                  "folds' models are not calibrated to each other)", "",
-                  "| configuration | folds | FF acc | FP acc | FF AUC | FP AUC | FF EER | FP EER | FF TAR@FAR=1% "
-                  "| FP TAR@FAR=1% |", "|" + "---|" * 10]
-        lines += [tenfold_row(r) for r in raw]
-        for r in raw:
-            lines += ["", f"{r['configuration']}, folds {r['folds']}:"]
-            lines += [f"  {k}: " + " ".join(f"{v:.4f}" for v in r[k]) for k in r if k.endswith(("acc", "auc", "eer"))]
-    return "\n".join(warnings + lines) + "\n", raw
-
-
-def tenfold_values(key, by_fold):
-    """The per-fold metrics of one 10-fold configuration, and TAR@FAR over its pooled test scores."""
-    ks = sorted(by_fold)
-    vals = {f"{kind} {m}": [float(by_fold[k][0]["test"][kind][m]) for k in ks]
-            for kind in KINDS for m in ("acc", "auc", "eer")}
-    pooled = {}
-    files = [os.path.join(by_fold[k][1], "test_scores.csv") for k in ks]
-    if all(os.path.isfile(f) for f in files):
-        s, y, kinds = (np.concatenate(x) for x in zip(*map(read_scores, files)))
-        for kind in KINDS:
-            sel = kinds == kind
-            fpr, tpr, _ = roc(s[sel], y[sel])
-            pooled[kind] = tar_at_far(fpr, tpr, int((y[sel] == 0).sum()))
-    return {"configuration": key, "folds": ks, **vals, **{f"{kind} pooled": pooled.get(kind, {}) for kind in KINDS}}
-
-
-def tenfold_row(r):
-    std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")  # noqa: E731
-    cells = [r["configuration"], str(len(r["folds"]))]
-    cells += [f"{np.mean(r[f'{kind} acc']):.4f} +- {std(r[f'{kind} acc']):.4f}" for kind in KINDS]
-    cells += [f"{np.mean(r[f'{kind} {m}']):.4f}" for m in ("auc", "eer") for kind in KINDS]
-    cells += [_fmt(r[f"{kind} pooled"].get("tar@far=0.01"), 4) for kind in KINDS]
-    return "| " + " | ".join(cells) + " |"
+# ---------------------------------------------------------------------------
+# Command line
 
 
 def get_args_parser():
@@ -439,38 +349,30 @@ def get_args_parser():
                         "CSV to stdout")
     p.add_argument("--show", type=str, default="", metavar="PNG",
                    help="with --pair: also draw both images as the network sees them, with the verdict")
-    p.add_argument("--kind", type=str, default="all", choices=["all", "FF", "FP"],
+    p.add_argument("--kind", type=str, default=None, choices=["all", "FF", "FP"],
                    help="with --pair/--pairs: the validation threshold to use: all pairs, frontal-frontal or "
-                        "frontal-profile (default: all)")
+                        "frontal-profile (default: each pair's by its photos' poses, all pairs' where a pose is "
+                        "unknown)")
     p.add_argument("--landmark-net", type=str, default="", metavar="RUN",
                    help="a landmark network (landmarks.py's run folder or best.pt) that finds the face and its "
-                        "landmarks in photos without a landmark file, for a run that aligns faces (default: none)")
-    p.add_argument("--align", type=str, default="given", choices=["given", "predicted"],
-                   help="where an aligned run's landmarks come from: given = each photo's CFP landmark file "
-                        "(the landmark network where there is none); predicted = the landmark network for every "
-                        "photo, CFP's included (default: given)")
-    p.add_argument("--paste", type=float, default=None, metavar="FRACTION",
-                   help="fold evaluation of an aligned run: each photo first pasted at a random place into a "
-                        "picture 1/FRACTION its width, on a background cut from other photos, its face then found "
-                        "by the landmark network (--align predicted) or by its given landmarks carried along "
-                        "(--align given: what the background alone costs) (default: off)")
-    p.add_argument("--benchmark", type=str, default=None, choices=["cfp"],
-                   help="cfp: all ten folds' FF and FP pairs of --data-root, fold K's threshold chosen on the other "
-                        "nine, mean +- std, AUC and EER per kind, as the literature reports CFP; only for a run "
-                        "that never trained on CFP's people")
-    p.add_argument("--export", type=str, default="", metavar="PATH",
-                   help="write the run's embedding network (arch 2) with its preprocessing as one torch.export "
-                        "file (.pt2) that torch alone loads (export.py)")
+                        "landmarks in photos without a landmark file, for a run that aligns faces (default: the "
+                        "one the run was trained with, if any)")
+    p.add_argument("--align", type=str, default="run", choices=["run", "given", "predicted"],
+                   help="fold evaluation of an aligned run, where its landmarks come from: run = as in its training "
+                        "(its landmark files, or its network's landmarks placed the same way); given = the landmark "
+                        "files (the network where there are none); predicted = the network for every photo, one "
+                        "at a time, as --pair finds a face (default: run)")
+    p.add_argument("--benchmark", type=str, default=None, choices=["cfp"], help="cfp: CFP-FF/FP as the literature "
+                   "reports them (each fold's threshold from the other nine), for a run that never saw CFP's people")
+    p.add_argument("--export", type=str, default="", metavar="PATH", help="write the run's embedder (arch 2) and "
+                   "its preprocessing as one torch.export file (.pt2) that torch alone loads (export.py)")
     p.add_argument("--summarize", type=str, nargs="?", const="runs", default=None, metavar="DIR",
                    help="print a table of every run under DIR (default DIR: runs)")
     p.add_argument("--out", type=str, default="", help="with --summarize: also write the table to this file")
     p.add_argument("--json", type=str, default="", help="also write the metrics (or the raw 10-fold values) "
                                                         "to this JSON file")
-    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH, help=f"images per batch (default: {EVAL_BATCH})")
     p.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
-    p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: CUDA when available (default: auto)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     return p
 
 
@@ -479,7 +381,7 @@ def main(args):
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             raise UserError(f"{flag} {path}: the folder {os.path.dirname(os.path.abspath(path))} does not exist")
     if args.summarize is not None:
-        return summarize_runs(args)
+        return summarize_runs(args.summarize, args.out, args.json)
     if not args.run:
         raise UserError("give a run folder or checkpoint (or --summarize DIR)")
     if args.batch_size < 1:
@@ -487,145 +389,58 @@ def main(args):
     if (args.pair or args.pairs) and args.tta != "none":
         raise UserError("--tta applies to fold evaluation (its thresholds come from the validation folds); "
                         "--pair and --pairs use the run's own thresholds")
-    check_landmark_flags(args)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    model, ckpt = load_model(args.run, device)
-    if args.export:
-        return export_run(args, model, ckpt, device)
-    net = args.landmark_net or ckpt["args"].get("landmark_net", "")  # default: the one the run was trained with
-    finder = FaceFinder.load(net, device) if net else None
-    if finder is not None and aligner_of(ckpt) is None:
-        raise UserError(f"--landmark-net: {args.run} resizes whole images (--align none); it uses no landmarks")
-    photos = Photos(ckpt, finder, args.align == "predicted")
-    if args.pair:
-        return verify_one_pair(args, model, ckpt, device, photos)
-    if args.pairs:
-        return verify_pair_list(args, model, ckpt, device, photos)
-    if args.benchmark:
-        return benchmark_cfp(args, model, ckpt, device, finder)
-    if ckpt["args"].get("eval_root") == "" and not args.folds and is_held_out_run(args.run):
-        return evaluate_held_out(args, model, ckpt, device)
-    return evaluate_folds(args, model, ckpt, device, finder)
-
-
-def check_landmark_flags(args):
     if args.align == "predicted" and not args.landmark_net:
         raise UserError("--align predicted needs --landmark-net RUN (a network trained by landmarks.py)")
-    if args.paste is not None:
-        if args.pair or args.pairs:
-            raise UserError("--paste applies to fold evaluation, not to --pair or --pairs")
-        if not 0 < args.paste <= 1:
-            raise UserError(f"--paste must be in (0, 1], got {args.paste}")
+    if args.export:
+        return export_run(args)
+    v = Verifier(args.run, args.landmark_net, args.align == "predicted")
+    if args.pair:
+        return verify_one_pair(args, v)
+    if args.pairs:
+        return verify_pair_list(args, v)
+    if args.benchmark:
+        return benchmark_cfp(args, v)
+    if v.args["eval_root"] == "" and not args.folds and is_held_out_run(args.run):
+        return evaluate_held_out(args, v)
+    return evaluate_folds(args, v)
 
 
-def results_page(root):
-    """A Markdown page of a results folder: ROOT/about.md, then for each subfolder with runs its about.md and
-    the table of its runs (summarize). Every figure comes from the runs' files -> (text, raw 10-fold values)."""
-    def about(folder):
-        path = os.path.join(folder, "about.md")
-        return open(path).read().strip() + "\n\n" if os.path.isfile(path) else ""
-    text, raw = about(root), []
-    for sub in sorted(d.name for d in os.scandir(root) if d.is_dir(follow_symlinks=False)):
-        if not find_runs(os.path.join(root, sub)):
-            continue
-        if is_landmark_folder(os.path.join(root, sub)):
-            text += f"## {sub}\n\n{about(os.path.join(root, sub))}{landmark_tables(os.path.join(root, sub))}\n"
-            continue
-        table, values = summarize(os.path.join(root, sub))
-        text += f"## {sub}\n\n{about(os.path.join(root, sub))}{table}\n"
-        raw += values
-    return text.rstrip() + "\n", raw
-
-
-def is_landmark_folder(folder):
-    def task(run):
-        try:
-            c = read_json(os.path.join(run, "config.json"))
-            made_by = str(c.get("command", ""))
-            return c.get("task") or ("landmarks" if made_by.startswith("python landmarks.py") else None)
-        except (OSError, ValueError, AttributeError):
-            return None
-    return all(task(run) == "landmarks" for run in find_runs(folder))
-
-
-def landmark_tables(folder):
-    """The landmark networks of a folder (landmarks.py runs), and the verification runs evaluated with their
-    landmarks (the evaluate.py --json files beside them, verify_*.json)."""
-    lines = ["| network | protocol | head | profile share | px | epochs | minutes | test NME frontal | NME profile | "
-             "pose acc | found, pasted at 1/2 | at 1/4 | a face where none is | ms a photo |", "|" + "---|" * 14]
-    checks = []
-    for run in find_runs(folder):
-        try:
-            c, m = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "metrics.json"))
-            a, t = c["args"], m["test"]
-            share, alone = a.get("profile_share"), m.get("background_alone", {}).get("found")
-            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a.get('head', 'flatten')} | "
-                         f"{'each photo once' if share is None else share} | {a['img_size']} | {a['epochs']} | "
-                         f"{m['train_minutes']:.1f} | {t['nme_frontal']:.4f} | {t['nme_profile']:.4f} | "
-                         f"{t['pose_acc']:.4f} | {m['pasted_0.5']['found']:.4f} | {m['pasted_0.25']['found']:.4f} | "
-                         f"{'' if alone is None else f'{alone:.4f}'} | {t['ms_per_photo']:.1f} |")
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            lines.append(f"| {os.path.relpath(run, folder)} | unreadable: {type(e).__name__}: {str(e)[:80]} |")
-        checks += [(os.path.relpath(run, folder), p) for p in
-                   sorted(glob.glob(os.path.join(glob.escape(run), "verify_*.json")))]
-    if checks:
-        lines += ["", "| verification run, evaluated with | landmarks | found | test acc | FF acc | FP acc |",
-                  "|" + "---|" * 6]
-    for net, path in checks:
-        try:
-            e = read_json(path)
-            lm, t = e["landmarks"], e["test"]
-            how = lm["source"] + (f" by {net}" if lm["source"] == "predicted" else "") + \
-                (f", pasted at 1/{1 / lm['paste']:g}" if lm.get("paste") else "")
-            found = _fmt(lm.get("found_at_its_place"), 4)
-            lines.append(f"| {os.path.basename(e['checkpoint'].rstrip('/'))} ({os.path.basename(path)}) | {how} | "
-                         f"{found} | {t['all']['acc']:.4f} | {t['FF']['acc']:.4f} | {t['FP']['acc']:.4f} |")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            lines.append(f"| {os.path.basename(path)} | unreadable: {type(e).__name__} |")
-    return "\n".join(lines) + "\n"
-
-
-def summarize_runs(args):
-    """--summarize: the table of every run under a folder (a page of sections when the folder has about.md)."""
-    page = os.path.isfile(os.path.join(args.summarize, "about.md")) and not any(  # a page of folders of runs
-        os.path.isfile(os.path.join(d.path, "config.json")) for d in os.scandir(args.summarize) if d.is_dir())
-    table, raw = results_page(args.summarize) if page else summarize(args.summarize)
-    print(table, end="")
-    if args.out:
-        atomic_write(args.out, table)
-    if args.json:
-        write_json(args.json, raw)
-
-
-def verify_one_pair(args, model, ckpt, device, photos):
-    """--pair A B: one verdict at the run's validation threshold for --kind."""
-    threshold = run_thresholds(ckpt)[args.kind]
-    scores, images, errors = verify(model, ckpt, [tuple(args.pair)], device, photos=photos)
+def verify_one_pair(args, v):
+    """--pair A B: one verdict at the run's validation threshold for --kind, or for the photos' poses."""
+    scores, images, errors = v.scores([tuple(args.pair)])
     if errors:
         raise UserError(next(iter(errors.values())))
+    kind = args.kind or v.kind(*args.pair)
+    threshold = v.thresholds[kind]
     verdict = "same person" if scores[0] >= threshold else "different people"
+    why = "" if args.kind else ": " + ", ".join(
+        f"{p} {'unknown pose' if v.profile[p] is None else 'profile' if v.profile[p] else 'frontal'}"
+        for p in dict.fromkeys(args.pair))
     print(f"{verdict}: score {scores[0]:.6f} {'>=' if scores[0] >= threshold else '<'} "
-          f"threshold {threshold:.6f} ({args.kind} pairs)")
-    if "predicted" in photos.used.values():
-        print("landmarks: " + ", ".join(f"{p} {photos.used[p]}" for p in dict.fromkeys(args.pair))
-              + f" (landmark network {photos.finder.source['network']}, sha1 {photos.finder.source['sha1'][:12]})")
+          f"threshold {threshold:.6f} ({kind} pairs{why})")
+    if "predicted" in v.used.values():
+        print("landmarks: " + ", ".join(f"{p} {v.used[p]}" for p in dict.fromkeys(args.pair))
+              + f" (landmark network {v.finder.source['network']}, sha1 {v.finder.source['sha1'][:12]})")
     if args.show:
         plot_pair(images[args.pair[0]], images[args.pair[1]], scores[0], threshold, verdict, args.show)
 
 
-def verify_pair_list(args, model, ckpt, device, photos):
+def verify_pair_list(args, v):
     """--pairs FILE: a CSV row per line on stdout, streamed chunk by chunk; unreadable lines on stderr, exit 1."""
-    threshold = run_thresholds(ckpt)[args.kind]
+    chunks = read_pair_list(args.pairs)
+    first = next(chunks)  # a list that cannot be read is one line, before any output
     w = csv.writer(sys.stdout)
-    w.writerow(["line", "a", "b", "score", "threshold", "same"])
-    cache, scored, failed = FeatureCache(), 0, 0
-    for paths, numbers, bad in read_pair_list(args.pairs):
-        scores, _, errors = verify(model, ckpt, paths, device, cache, photos)
+    w.writerow(["line", "a", "b", "score", "threshold", "same", "kind"])
+    scored, failed = 0, 0
+    for paths, numbers, bad in itertools.chain([first], chunks):
+        scores, _, errors = v.scores(paths)
         for n, (x, y), score in zip(numbers, paths, scores):
             if np.isnan(score):
                 bad.append((n, "; ".join(errors[p] for p in (x, y) if p in errors)))
-            else:
-                w.writerow([n, x, y, f"{score:.9g}", f"{threshold:.9g}", int(score >= threshold)])
+                continue
+            kind = args.kind or v.kind(x, y)
+            threshold = v.thresholds[kind]
+            w.writerow([n, x, y, f"{score:.9g}", f"{threshold:.9g}", int(score >= threshold), kind])
         sys.stdout.flush()
         for n, reason in sorted(bad):
             print(f"{args.pairs}:{n}: {reason}", file=sys.stderr)
@@ -636,16 +451,18 @@ def verify_pair_list(args, model, ckpt, device, photos):
         sys.exit(1)
 
 
-def evaluate_folds(args, model, ckpt, device, finder=None):
+def evaluate_folds(args, v):
     """Fold evaluation: each asked fold's FF and FP pairs in its role for this run, at thresholds chosen on the
     run's own validation folds (under the same TTA)."""
-    a = ckpt["args"]
-    own = a.get("eval_root") or a["data_root"]  # an identity-folder run validated and tested on --eval-root
+    a = v.args
+    own = a["eval_root"] or a["data_root"]  # an identity-folder run validated and tested on --eval-root
     root = args.data_root or (own if os.path.isdir(own) else os.environ.get("CFP_ROOT", ""))
     if not args.data_root and root != own:
         print(f"data: the run's --data-root {own} is not there; reading $CFP_ROOT={root}")
     cfp = load_cfp(root)
-    roles = split_folds(a["protocol"], a.get("test_fold"))
+    if a["eval_root"] and os.path.isdir(a["data_root"]):  # as in training: after the training folders' images
+        cfp = join(load_dataset(a["data_root"]), cfp)
+    roles = split_folds(a["protocol"], a["test_fold"])
     for k in args.folds or []:
         if k not in cfp.folds:
             raise UserError(f"--folds: no fold {k} (1..{len(cfp.folds)})")
@@ -653,14 +470,12 @@ def evaluate_folds(args, model, ckpt, device, finder=None):
     sets = {role: [k for k in folds if k in asked] for role, folds in roles.items()}
     needed = np.concatenate([cfp.pairs(f)[0][:, :2].ravel() for f in list(sets.values()) + [roles["val"]] if f])
     t = time.time()
-    bank, landmarks = fold_bank(args, cfp, np.unique(needed), ckpt, device, finder)
-    decode_s = time.time() - t
-    autocast = amp_autocast(device, a.get("amp", False))
-    tta = args.tta == "flip"
+    bank, landmarks = fold_bank(args, cfp, np.unique(needed), v)
+    decode_s, tta = time.time() - t, args.tta == "flip"
     out = {"checkpoint": args.run, "data_root": root, "tta": args.tta, "decode_seconds": decode_s,
            "landmarks": landmarks}
     val_pairs, val_kinds = cfp.pairs(roles["val"])
-    val = evaluate(model, bank, val_pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
+    val = evaluate(v.model, bank, val_pairs, None, args.batch_size, v.device, tta=tta, amp=a["amp"])
     thresholds = {k: thr for k, (thr, _) in thresholds_by_kind(val["scores"], val["labels"], val_kinds).items()}
     for role in ("train", "val", "test"):
         if not sets[role]:
@@ -669,38 +484,36 @@ def evaluate_folds(args, model, ckpt, device, finder=None):
             res, kinds = val, val_kinds
         else:
             pairs, kinds = cfp.pairs(sets[role])
-            res = evaluate(model, bank, pairs, None, args.batch_size, device, tta=tta, autocast=autocast)
+            res = evaluate(v.model, bank, pairs, None, args.batch_size, v.device, tta=tta, amp=a["amp"])
         out[role] = {"folds": sets[role], "role": ROLE_NAMES[role],
                      **report(res["scores"], res["labels"], kinds, thresholds),
                      "num_embedded": res["num_embedded"], "embed_seconds": res["seconds"]}
         print(describe(f"{ROLE_NAMES[role]}, folds {sets[role]}", out[role]))
     out["thresholds"] = thresholds
-    if landmarks["source"] == "predicted":
+    if "found" in landmarks:  # each photo's face found as --pair finds it
         where = landmarks["found_at_its_place"]
         print(f"landmarks predicted: face found in {landmarks['found']:.4f} of the photos" +
-              (f", where the given landmarks put it in {where:.4f}" if where is not None else "") +
-              (f" (each photo pasted into a picture {1 / args.paste:g} times its width)" if args.paste else ""))
+              (f", where the given landmarks put it in {where:.4f}" if where is not None else ""))
     print(f"total {time.time() - t:.1f}s (decoding {decode_s:.1f}s)" + (", flip TTA" if tta else ""))
     if args.json:
         write_json(args.json, out)
 
 
-def fold_bank(args, cfp, needed, ckpt, device, finder):
-    """The images a fold evaluation embeds: aligned by their landmark files or, with --align predicted, by
-    the landmark network's landmarks; with --paste, each photo first pasted into a larger picture, its
-    landmarks found there or carried along. -> (bank, where the landmarks came from)"""
-    a, where = ckpt["args"], device if device.type == "cuda" else "cpu"
-    if args.paste is not None and not aligner_of(ckpt):
-        raise UserError(f"--paste: {args.run} resizes whole images (--align none); it aligns no face")
-    if args.paste is not None and cfp.landmarks is None:
-        raise UserError(f"--paste: {cfp.root} has no landmark files to tell where the pasted faces are")
-    predicted = args.align == "predicted" or (cfp.landmarks is None and finder is not None and aligner_of(ckpt))
-    if not predicted and args.paste is None:
-        return ImageBank(cfp, needed, a["img_size"], args.workers, device=where, resize=a.get("resize", "squash"),
-                         aligner=aligner_of(ckpt)), {"source": "given" if aligner_of(ckpt) else "none"}
-    images, landmarks = align_photos(cfp, needed, finder if predicted else None, aligner_of(ckpt), a["img_size"],
-                                     args.paste)
-    return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
+def fold_bank(args, cfp, needed, v):
+    """The images an evaluation embeds, made by the code that made the run's own: its landmarks placed as in
+    training (--align run), from the files (given), or found photo by photo as --pair does (predicted).
+    -> (bank, where the landmarks came from)"""
+    where = v.device if v.device.type == "cuda" else "cpu"
+    if args.align == "predicted":
+        images, landmarks = align_photos(cfp, needed, v.finder, v.aligner, v.args["img_size"])
+        return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
+    landmarks = {"source": "none"}
+    if v.aligner is not None:
+        a = {**v.args, "landmark_net": v.landmark_net,
+             "predict_landmarks": v.args["predict_landmarks"] and args.align == "run"}
+        cfp, landmarks = prepare(cfp, a, lambda line: print(line, file=sys.stderr), needed)
+    return ImageBank(cfp, needed, v.args["img_size"], args.workers, device=where, resize=v.args["resize"],
+                     aligner=v.aligner), landmarks
 
 
 # ---------------------------------------------------------------------------
@@ -715,16 +528,16 @@ def is_held_out_run(path):
     return os.path.isfile(os.path.join(run_dir(path), "pairs_val.txt"))
 
 
-def evaluate_held_out(args, model, ckpt, device):
+def evaluate_held_out(args, v):
     """A run trained on identity folders with held-out identities: its own pairs_val.txt and pairs_test.txt,
     the test at the threshold chosen on the validation pairs."""
-    a = ckpt["args"]
+    a = v.args
     ds = load_dataset(args.data_root or a["data_root"])
     sets = {role: read_pair_file(os.path.join(run_dir(args.run), f"pairs_{role}.txt"), ds) for role in ("val", "test")}
-    bank = ImageBank(ds, np.concatenate([p[:, :2].ravel() for p in sets.values()]), a["img_size"], args.workers,
-                     device=device if device.type == "cuda" else "cpu", resize=a.get("resize", "pad"))
-    autocast, out = amp_autocast(device, a.get("amp", False)), {"checkpoint": args.run, "data_root": ds.root}
-    res = {role: evaluate(model, bank, p, None, args.batch_size, device, autocast=autocast) for role, p in sets.items()}
+    bank, _ = fold_bank(args, ds, np.unique(np.concatenate([p[:, :2].ravel() for p in sets.values()])), v)
+    out = {"checkpoint": args.run, "data_root": ds.root}
+    res = {role: evaluate(v.model, bank, p, None, args.batch_size, v.device, amp=a["amp"])
+           for role, p in sets.items()}
     threshold = best_threshold(res["val"]["scores"], res["val"]["labels"])[0]
     for role in ("val", "test"):
         out[role] = {"role": ROLE_NAMES[role], "pairs_file": f"pairs_{role}.txt",
@@ -734,15 +547,15 @@ def evaluate_held_out(args, model, ckpt, device):
         write_json(args.json, out)
 
 
-def cfp_training_images(ckpt, cfp):
+def cfp_training_images(a, cfp):
     """Why a run's network has seen CFP's people (a sentence), or None: trained on a CFP-layout root, or on
     identity folders whose images are CFP's own files (linked or copied there)."""
-    a = ckpt["args"]
-    if not a.get("eval_root") and not os.path.isdir(a["data_root"]):
+    if not a["eval_root"] and not os.path.isdir(a["data_root"]):
         return f"its training data {a['data_root']} is not there to show it is not CFP"
     ds = load_dataset(a["data_root"])
     if ds.layout == "cfp":
-        return f"it trained on the CFP-layout dataset {a['data_root']} (folds {split_folds(a['protocol'], a.get('test_fold'))['train']})"
+        return f"it trained on the CFP-layout dataset {a['data_root']} (folds " \
+               f"{split_folds(a['protocol'], a['test_fold'])['train']})"
     cfp_files = {os.path.realpath(p) for p in cfp.paths}
     sizes = {os.path.getsize(p) for p in cfp.paths}
     linked = sum(os.path.realpath(p) in cfp_files for p in ds.paths)
@@ -760,21 +573,20 @@ def file_digest(path):
         return hashlib.sha1(f.read()).hexdigest()
 
 
-def benchmark_cfp(args, model, ckpt, device, finder=None):
+def benchmark_cfp(args, v):
     """--benchmark cfp: every fold's FF and FP pairs scored once; fold K's accuracy at the threshold that is
     best on the other nine folds' pairs of the same kind (insightface's protocol); mean +- sample std over
-    the ten folds, and AUC and EER of all 3500 pairs of each kind."""
+    the ten folds, and AUC and EER of all pairs of each kind."""
     cfp = load_cfp(args.data_root or os.environ.get("CFP_ROOT", ""))
-    seen = cfp_training_images(ckpt, cfp)
+    seen = cfp_training_images(v.args, cfp)
     if seen:
         raise UserError(f"--benchmark cfp: {args.run} cannot be benchmarked on {cfp.root}: {seen}; the benchmark "
                         f"would test on people it trained on")
     t = time.time()
     pairs, kinds = cfp.pairs(range(1, NUM_FOLDS + 1))
     fold = np.concatenate([np.full(len(cfp.folds[k][kind]), k) for k in range(1, NUM_FOLDS + 1) for kind in KINDS])
-    bank, landmarks = fold_bank(args, cfp, np.unique(pairs[:, :2]), ckpt, device, finder)
-    res = evaluate(model, bank, pairs, None, args.batch_size, device,
-                   autocast=amp_autocast(device, ckpt["args"].get("amp", False)))
+    bank, landmarks = fold_bank(args, cfp, np.unique(pairs[:, :2]), v)
+    res = evaluate(v.model, bank, pairs, None, args.batch_size, v.device, amp=v.args["amp"])
     out = {"checkpoint": args.run, "data_root": cfp.root, "protocol": "CFP 10 folds, each fold's threshold chosen "
            "on the other nine", "landmarks": landmarks}
     for kind in KINDS:
@@ -793,9 +605,9 @@ def benchmark_cfp(args, model, ckpt, device, finder=None):
         write_json(args.json, out)
 
 
-def export_run(args, model, ckpt, device):
+def export_run(args):
     """--export PATH: the embedder file, checked against the run's own embeddings before it is kept."""
-    import export
+    model, ckpt = load_model(args.run, torch.device("cpu"))
     if ckpt["args"]["arch"] != 2:
         raise UserError(f"--export: {args.run} is an --arch 1 run, whose pairs are judged by its decision network, "
                         f"not by comparing embeddings; only --arch 2 runs export an embedder")

@@ -8,7 +8,7 @@
 #   bash experiments.sh --list             every ID with a one-line description
 #   bash experiments.sh --dry-run [IDS]    print the commands
 #   bash experiments.sh --force [IDS]      rerun finished runs (replacing them)
-#   EXTRA_ARGS="--data-root toy --no-pretrained --img-size 32 --max-steps 2" bash experiments.sh 01
+#   EXTRA_ARGS="--data-root toy --no-pretrained --img-size 32 --epochs 1" bash experiments.sh 01
 #                                          append flags to every train.py line (the last flag wins)
 #   LANDMARK_ARGS="--epochs 1" bash experiments.sh landmarks     the same for the landmarks.py lines
 #
@@ -29,9 +29,12 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo; 
 list_ids() {  # each ID once, with the comment line above its first row
     echo "IDs, under the heading of their section:"
     awk '/^# ---- /{t=$0; gsub(/^# ---- | ----$/, "", t)} /^# /{c=substr($0, 3); sub(/^[^ ]+:? /, "", c)}
-         /^run /{if (!seen[$2]++) {if (t != shown) {print t; shown=t}; printf "  %-12s %s\n", $2, c}}' "$0"
+         /^(run|tenfold) /{rows[$2] += ($1 == "tenfold" ? 10 : 1)
+             if (!($2 in first)) {order[++n] = $2; first[$2] = c; head[$2] = t}}
+         END {for (i = 1; i <= n; i++) {id = order[i]; if (head[id] != shown) {print head[id]; shown = head[id]}
+             more = (rows[id] > 1) ? " (" rows[id] " runs)" : ""; printf "  %-14s %s%s\n", id, first[id], more}}' "$0"
 }
-VALID_IDS=$(sed -n 's/^run \([^ ]*\) python .*/\1/p' "$0" | awk '!seen[$0]++' | tr '\n' ' ')
+VALID_IDS=$(sed -n 's/^\(run\|tenfold\) \([^ ]*\) python .*/\2/p' "$0" | awk '!seen[$0]++' | tr '\n' ' ')
 DRY_RUN=0 FORCE=0 IDS=()
 for a in "$@"; do
     case $a in
@@ -47,7 +50,7 @@ for a in "$@"; do
     esac
 done
 
-state() {  # OUT CMD...: finished | resume | new | other -- what OUT holds for exactly this command line
+state() {  # OUT CMD...: finished | resume | new | taken | other -- what OUT holds for exactly this command line
     python - "$@" <<'EOF'
 import json, os, shlex, sys
 out, argv = sys.argv[1], [a for a in sys.argv[3:] if a not in ("--resume", "--overwrite")]
@@ -59,7 +62,7 @@ except (OSError, ValueError, KeyError, TypeError):
 if not os.path.exists(out) or not os.listdir(out):
     print("new")
 elif recorded != argv:
-    print("other")
+    print("taken" if os.path.isfile(os.path.join(out, "metrics.json")) else "other")
 elif os.path.isfile(os.path.join(out, "metrics.json")):
     print("finished")
 else:
@@ -81,18 +84,23 @@ run() {  # run ID python train.py|landmarks.py ... --out DIR ...
     local id=$1 out="" prev=""
     shift
     [ ${#IDS[@]} -eq 0 ] || [[ " ${IDS[*]} " == *" $id "* ]] || return 0
-    for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
     local cmd=("$@")
     # shellcheck disable=SC2206
     if [ "$2" = landmarks.py ]; then cmd+=(${LANDMARK_ARGS:-}); else cmd+=(${EXTRA_ARGS:-}); fi
+    for a in "${cmd[@]}"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done  # the last --out, as the script takes it
     if [ $DRY_RUN = 1 ]; then echo "${cmd[*]}"; return 0; fi
     local st
     st=$(state "$out" "${cmd[@]}")
     [ $FORCE = 0 ] || [ "$st" = new ] || st=other
     if [ $PLAN = 1 ]; then
         case $st in finished) echo "  [$id] skip (finished)  $out" ;; resume) echo "  [$id] resume  $out" ;;
-                    new) echo "  [$id] run     $out" ;; other) echo "  [$id] replace $out" ;; esac
+                    new) echo "  [$id] run     $out" ;; other) echo "  [$id] replace $out" ;;
+                    taken) echo "  [$id] STOP: another finished run in $out" ;; esac
         return 0
+    fi
+    if [ "$st" = taken ]; then
+        echo "experiments.sh: [$id] $out holds a finished run of another command line; kept (--force $id replaces it)" >&2
+        exit 2
     fi
     if [ "$st" = finished ]; then echo "[$id] $out is finished: skipped"; return 0; fi
     if [ "$st" = resume ]; then cmd+=(--resume); elif [ "$st" = other ]; then cmd+=(--overwrite); fi
@@ -101,6 +109,17 @@ run() {  # run ID python train.py|landmarks.py ... --out DIR ...
     CHILD=$!
     wait "$CHILD" || { local rc=$?; CHILD=""; return $rc; }
     CHILD=""
+}
+
+tenfold() {  # tenfold ID python train.py ... : the row once per test fold, {K} its two digits and {k} its number
+    local id=$1 k
+    shift
+    for k in 1 2 3 4 5 6 7 8 9 10; do
+        local K row=()
+        K=$(printf %02d "$k")
+        for a in "$@"; do a=${a//\{K\}/$K}; row+=("${a//\{k\}/$k}"); done
+        run "$id" "${row[@]}"
+    done
 }
 
 experiments() {
@@ -182,31 +201,13 @@ run 63 python train.py --out runs/exp63_cos_resnext50_aug_lr1e-3_sgd_40e --arch 
 
 # ---- CFP's own protocol: 10 folds (test fold K, validation fold K+1, train on the other 8), FF and FP apart ----
 # 10fold-63: the seed's best configuration (63, SGD 1e-3, 40 epochs). Seed: not run on this protocol
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
-run 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
+tenfold 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e-3_sgd_40e_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss cosine --backbone resnext50 --pretrained --augment --optimizer sgd --lr 1e-3 --epochs 40 --schedule none --warmup-epochs 0 --pairs-from protocol --resize squash --align none
 # The runs in results/cfp-10fold/r18_arcface_64px_*: ResNet18 from random init, ArcFace (s 32, m 0.3), 64 px
 # whole images padded, bf16 autocast, 10 epochs, no dropout: about 10 minutes a fold on one core of a 2-core x86.
 # 10fold-r18: whole images, ResNet18 from random init, ArcFace s 32, 10 epochs (the first 10-fold recipe)
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
-run 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+tenfold 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 
-# ---- Learning from CFP alone (README: "Learning faces from CFP alone"), seed split ----
+# ---- Learning from CFP alone (README: "On real CFP"), seed split ----
 # results/cfp-seed/r18_arcface_64px_squash_dropout06 (val 0.813, test 0.810, FF 0.847, FP 0.789): ResNet18 from
 # random init, ArcFace, 64 px stretched, dropout 0.6, bf16 autocast, 20 epochs: about 10 minutes on one core of a
 # 2-core x86 CPU with AVX-512-BF16.
@@ -224,16 +225,7 @@ run aligned python train.py --out runs/aligned/r18_arcface_64px_template_s8 --ar
 # clutter: the aligned recipe, half the training faces surrounded by a mosaic where their photo ends
 run clutter python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5
 # 10fold-aligned: CFP's ten folds with the same recipe (results/cfp-10fold/r18_arcface_64px_template_s8_fold*)
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold01 --protocol 10fold --test-fold 1 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold02 --protocol 10fold --test-fold 2 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold03 --protocol 10fold --test-fold 3 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold04 --protocol 10fold --test-fold 4 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold05 --protocol 10fold --test-fold 5 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold06 --protocol 10fold --test-fold 6 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold07 --protocol 10fold --test-fold 7 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold08 --protocol 10fold --test-fold 8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold09 --protocol 10fold --test-fold 9 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
-run 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold10 --protocol 10fold --test-fold 10 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
+tenfold 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
 
 # ---- Photos without landmark files (README: "Your own photos") ----
 # The landmark network, learned from the seed split's training identities (results/landmarks/jitter02_timed:

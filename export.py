@@ -16,12 +16,12 @@ whole images resized (`resize`), or faces warped onto the run's templates by the
 the normalisation the network applies inside the file.
 """
 import json
+import math
 
 import torch
 import torch.nn as nn
 
-from data import IMAGENET_MEAN, IMAGENET_STD
-
+from images import IMAGENET_MEAN, IMAGENET_STD, normalise
 EXTRA = "preprocessing.json"
 
 
@@ -31,25 +31,24 @@ class Embedder(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
 
     def forward(self, x):
-        return self.model.embed((x.float() - self.mean) / self.std)
+        return self.model.embed(normalise(x.float() / 255))
 
 
 def preprocessing(ckpt):
     """What a user must do to a photo before the embedder sees it, from the run's own checkpoint."""
     a = ckpt["args"]
-    aligner = ckpt.get("aligner")
+    aligner = ckpt["aligner"]
     return {"img_size": a["img_size"], "channels": "RGB", "dtype": "uint8",
             "input": "faces warped onto align.templates by their 30 CFP landmarks (align.py), profiles facing "
                      "left mirrored" if aligner else f"the whole image, resized to the square by '{a.get('resize')}'",
-            "resize": None if aligner else a.get("resize", "squash"), "align": aligner,
+            "resize": None if aligner else a["resize"], "align": aligner,
             "normalisation": {"mean": [255 * m for m in IMAGENET_MEAN], "std": [255 * s for s in IMAGENET_STD],
                               "applied": "inside the file"},
-            "score": "cosine similarity of two embeddings", "thresholds": ckpt.get("thresholds"),
-            "trained_precision": "bfloat16" if a.get("amp") else "float32"}
+            "score": "cosine similarity of two embeddings",  # null: a kind the run had no pairs of
+            "thresholds": {k: t if math.isfinite(t) else None for k, t in ckpt["thresholds"].items()},
+            "trained_precision": "bfloat16" if a["amp"] else "float32"}
 
 
 def export(model, ckpt, path, batch=2):
@@ -58,7 +57,7 @@ def export(model, ckpt, path, batch=2):
     embedder = Embedder(model.float().to("cpu", memory_format=torch.contiguous_format)).eval()
     example = torch.zeros(batch, 3, size, size, dtype=torch.uint8)
     program = torch.export.export(embedder, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=65536)},))
-    torch.export.save(program, path, extra_files={EXTRA: json.dumps(preprocessing(ckpt), indent=1)})
+    torch.export.save(program, path, extra_files={EXTRA: json.dumps(preprocessing(ckpt), indent=1, allow_nan=False)})
     return embedder
 
 

@@ -1,20 +1,15 @@
-"""Landmarks for photos that come without them: find the face, place CFP's 30 landmarks, tell its pose.
+"""Train the landmark network (models.LandmarkNet) that faces.py finds faces with, from CFP alone.
 
-A run trained on CFP aligns every face by its landmarks (align.py). A user's photo has no landmark file, and
-its face may be a small part of a larger picture. The landmark network (models.LandmarkNet) is learned from
-CFP itself: from the training identities' photos, each pasted at a random place, scale and angle on a
-background cut from other photos (or a background alone: "no face"), it learns the face's pose (frontal,
-profile facing left or right) and its 30 landmarks. At test time it looks three times, as MTCNN's
-cascade does: once at the whole picture, then twice at a square around the landmarks it found. Each look
-also sees its view mirrored, which turns a profile facing left into one facing right: the two answers are
-averaged (pose, and a profile's landmarks mirrored back).
+From the training identities' photos, each pasted at a random place, scale and angle on a background cut from
+other photos (or a background alone: "no face"), it learns the face's pose (frontal, profile facing left or
+right) and CFP's 30 landmarks. It is tested on the test identities' photos as they are, pasted into larger
+pictures, and on pictures of backgrounds alone.
 
     python landmarks.py --data-root cfp-dataset --out runs/landmarks     # train on the seed split's folds 1-6
     python evaluate.py RUN --landmark-net runs/landmarks --align predicted   # the cost of predicted landmarks
     python evaluate.py RUN --landmark-net runs/landmarks --pair A.jpg B.jpg  # any two photos
 """
 import argparse
-import hashlib
 import math
 import os
 import sys
@@ -27,36 +22,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 import align
-from data import (IMAGENET_MEAN, IMAGENET_STD, DataError, color_jitter, decode_image, load_cfp, mosaic,
-                  open_image, split_folds, warp)
-from models import LANDMARK_HEADS, POSES, LandmarkNet
-from utils import (UserError, amp_autocast, amp_dtype, atomic_save, atomic_write, load_checkpoint, load_weights, run_cli,
-                   write_json)
+from data import load_cfp, split_folds
+from faces import REFINE_MARGIN, FaceFinder, iou, letterbox
+from images import color_jitter, decode_image, mosaic, normalise, open_image
+from models import POSES, LandmarkNet
+from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dtype, atomic_save, channels_last,
+                   git_state, lr_lambda, run_cli, write_history, write_json)
 
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
 FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
-REFINE_MARGIN = 1.3        # the square the second and third looks take around the face box (1.6 before the
-                           # --refine-margin flag: results/landmarks, margin13 against e20)
 REFINE_JITTER = 0.2        # how far off a refining look's training views put the face (0.08 before --refine-jitter)
-MIRRORED = [0, 1, 3, 2]     # POSES of a mirrored view: left and right swap
-FOUND = 0.5                # a face is found where P(no face) is below this at the first look and at the last
+PROFILE_SHARE = 0.5        # profiles' share of the training views (CFP has 2/7; results/landmarks, heatmap_e18_p05)
 
 
 # ---------------------------------------------------------------------------
-# Geometry: 3x3 matrices from a picture's pixels to a square view's pixels
-
-
-def letterbox(w, h, size):
-    """The whole w x h picture into the size x size square, aspect kept, centred."""
-    s = size / max(w, h)
-    return np.array([[s, 0, (size - s * w) / 2], [0, s, (size - s * h) / 2], [0, 0, 1.0]])
-
-
-def square_matrix(x0, y0, side, size):
-    """The square (x0, y0, side) of a picture onto the size x size view."""
-    s = size / side
-    return np.array([[s, 0, -x0 * s], [0, s, -y0 * s], [0, 0, 1.0]])
+# Geometry and measures
 
 
 def sampling_theta(matrix, size_in, size_out):
@@ -65,12 +46,6 @@ def sampling_theta(matrix, size_in, size_out):
     def unit(n):  # pixels -> [-1, 1]
         return torch.tensor([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]], dtype=matrix.dtype)
     return (unit(size_in) @ torch.linalg.inv(matrix) @ torch.linalg.inv(unit(size_out)))[..., :2, :]
-
-
-def face_square(points, pose, margin=REFINE_MARGIN):
-    """The square (x0, y0, side) around a face's landmarks, as align.py's box alignment takes it."""
-    return align.square_of(align.face_box(points, pose), margin)
-
 
 def mean_found(errors):
     """The mean error over the faces found (a face not found has a NaN error); NaN when none was found."""
@@ -165,87 +140,8 @@ def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFI
     return color_jitter(x, 0.3, 0.1), pose, (points / size).float()
 
 
-def normalise(x):
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
-
-
 # ---------------------------------------------------------------------------
 # Finding a face and its landmarks in any picture
-
-
-class FaceFinder:
-    """The landmark network applied to whole pictures: a look at the picture letterboxed, then two looks at
-    the square around the landmarks found. find(pictures) -> one (points (30, 2) in picture pixels,
-    profile, pose) per picture, or None where no face is found (the first look or the last says "no face").
-    flip: each look averaged with the look at its mirror image (a frontal face's landmarks are the plain
-    look's: CFP marks the picture's left half)."""
-
-    def __init__(self, net, looks=3, device="cpu", flip=True, margin=REFINE_MARGIN):
-        self.net, self.looks, self.device, self.flip, self.margin = net.eval(), looks, device, flip, margin
-        self.size = net.img_size
-
-    @classmethod
-    def load(cls, path, device="cpu"):
-        path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
-        ckpt = load_checkpoint(path, kind="landmarks")
-        a = ckpt["args"]
-        net = LandmarkNet(a["img_size"], maxpool=a.get("maxpool", True), head=a.get("head", "flatten"))
-        load_weights(net, ckpt["model"], path)
-        margin = a.get("refine_margin", 1.6)  # a network trained before --refine-margin used 1.6
-        finder = cls(net.to(device), device=device, margin=margin)
-        with open(path, "rb") as f:
-            finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
-        return finder
-
-    @torch.no_grad()
-    def look(self, pictures, matrices):
-        x = torch.stack([torch.from_numpy(np.asarray(warp(im, m, self.size)).copy()).permute(2, 0, 1)
-                         for im, m in zip(pictures, matrices)])
-        x = normalise(x.to(self.device).float() / 255)
-        logits, points = self.net(torch.cat([x, x.flip(-1)]) if self.flip else x)
-        probs, points = logits.float().softmax(1).cpu().numpy(), points.float().cpu().numpy()
-        if self.flip:  # the mirrored view: a profile facing left faces right there, and its points mirror back
-            n = len(x)
-            probs = (probs[:n] + probs[n:][:, MIRRORED]) / 2
-            back = points[n:] * [-1, 1] + [1, 0]
-            profile = probs[:, 2:].sum(1) > probs[:, 1]
-            points = np.where(profile[:, None, None], (points[:n] + back) / 2, points[:n])
-        points = points * self.size
-        return probs, [align.apply(np.linalg.inv(m), p) for m, p in zip(matrices, points)]
-
-    def refined(self, matrix, points, pose):
-        """The next look: the square around the landmarks found, unless they are no face's (the last look kept)."""
-        x0, y0, side = face_square(points, pose, self.margin)
-        if not (np.isfinite([x0, y0, side]).all() and side * matrix[0, 0] > 4):  # at least 4 view pixels
-            return matrix
-        return square_matrix(x0, y0, side, self.size)
-
-    def find(self, pictures, chunk=64):
-        """-> per picture (points, profile, pose) or None where no face is found."""
-        return [f[:3] if f[3] else None for f in self.find_all(pictures, chunk)]
-
-    def find_all(self, pictures, chunk=64):
-        """-> per picture (points, profile, pose, found): the landmarks are the best guess even where no
-        face was found."""
-        out = []
-        for i in range(0, len(pictures), chunk):
-            out += self._find(pictures[i:i + chunk])
-        return out
-
-    def _find(self, pictures):
-        matrices = [letterbox(*im.size, self.size) for im in pictures]
-        probs, points = self.look(pictures, matrices)
-        found = probs[:, 0] < FOUND
-        for _ in range(self.looks - 1):
-            poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
-            matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
-            probs, points = self.look(pictures, matrices)
-        found &= probs[:, 0] < FOUND  # the close look confirms it: half the false faces go (results/landmarks)
-        poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
-        return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
-
 
 # ---------------------------------------------------------------------------
 # Pictures larger than the face: each photo pasted on a background cut from other photos
@@ -291,15 +187,6 @@ def backgrounds_of(cfp, indices, rng, n=400):
     return background_pieces([open_image(cfp.paths[i]) for i in some], cfp.landmarks[some],
                              [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in some])
 
-
-def iou(a, b):
-    """Intersection over union of boxes (x0, y0, x1, y1)."""
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
-
-
 # ---------------------------------------------------------------------------
 # Training
 
@@ -317,14 +204,6 @@ def get_args_parser():
     p.add_argument("--maxpool", action=argparse.BooleanOptionalAction, default=True,
                    help="the ResNet18 stem's max-pool; --no-maxpool doubles the final map's resolution at about "
                         "twice the cost (default: on)")
-    p.add_argument("--head", default="heatmap", choices=LANDMARK_HEADS,
-                   help="the landmarks from a heatmap per landmark (integral regression), or from the flattened "
-                        "last map through a linear layer, as before the flag (models.LandmarkNet; default: heatmap)")
-    p.add_argument("--loss", default="l1", choices=["l1", "wing"],
-                   help="landmark error: l1, or the wing loss (Feng et al. 2018) in view pixels (default: l1)")
-    p.add_argument("--refine-margin", type=float, default=REFINE_MARGIN,
-                   help=f"the second and third looks' square, as a multiple of the face box's side (default: "
-                        f"{REFINE_MARGIN})")
     p.add_argument("--refine-jitter", type=float, default=REFINE_JITTER,
                    help="the refining looks' training views: the face's centre up to this share of the view off its "
                         "centre, its size up to 1.5 times as much off 1/margin, in [0, 0.3] (default: "
@@ -334,106 +213,71 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
-    p.add_argument("--profile-share", type=float, default=0.5,
-                   help="draw the training photos so that profiles are this share of the views, in (0, 1) "
-                        "(default: 0.5; before the heatmap head, each photo once an epoch: CFP's 2/7 profiles)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="train in bf16 autocast on CPUs with AVX-512-BF16 or AMX (fp32 elsewhere, with a "
                         "warning); the network is kept and evaluated in fp32 (default: off)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--val-images", type=int, default=400, help="validation photos looked at per epoch (default: 400)")
-    p.add_argument("--print-freq", type=int, default=20, help="steps between progress lines (default: 20)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     return p
 
 
 def check_args(args):
     for flag, value, lo in (("--img-size", args.img_size, 32), ("--epochs", args.epochs, 1),
                             ("--batch-size", args.batch_size, 2), ("--workers", args.workers, 1),
-                            ("--val-images", args.val_images, 1), ("--seed", args.seed, 0),
-                            ("--print-freq", args.print_freq, 1)):
+                            ("--val-images", args.val_images, 1), ("--seed", args.seed, 0)):
         if value < lo:
             raise UserError(f"{flag} must be at least {lo}, got {value}")
     for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
         if not (math.isfinite(value) and 0 <= value < 1) or (flag == "--lr" and value == 0):
             span = "(0, 1)" if flag == "--lr" else "[0, 1)"
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
-    if not (math.isfinite(args.refine_margin) and 1 <= args.refine_margin <= 3):
-        raise UserError(f"--refine-margin must be in [1, 3], got {args.refine_margin}")
     if not (math.isfinite(args.refine_jitter) and 0 <= args.refine_jitter <= 0.3):
         raise UserError(f"--refine-jitter must be in [0, 0.3], got {args.refine_jitter}")
-    if args.profile_share is not None and not 0 < args.profile_share < 1:
-        raise UserError(f"--profile-share must be in (0, 1), got {args.profile_share}")
     if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
         raise UserError(f"--out {args.out} already holds a landmark network; choose another --out or add --overwrite")
 
 
-class Log:
-    def __init__(self, path):
-        self.file = open(path, "w")
-
-    def __call__(self, text):
-        print(text)
-        self.file.write(text + "\n")
-        self.file.flush()
-
-
-def wing(error, w=10.0, eps=2.0):
-    """Feng et al.'s wing loss of absolute errors in pixels: logarithmic below w, so that small and medium
-    errors weigh more than under L1, linear (as L1) beyond."""
-    c = w - w * math.log(1 + w / eps)
-    return torch.where(error < w, w * torch.log1p(error / eps), error - c)
-
-
-def landmark_loss(logits, points, pose, target, kind="l1", size=64):
-    """Pose cross-entropy plus 10 x the mean landmark error (L1 in units of the view, or the wing loss of the
-    error in view pixels, divided by size) of the views with a face."""
+def landmark_loss(logits, points, pose, target):
+    """Pose cross-entropy plus 10 x the mean L1 landmark error (in units of the view) of the views with a face."""
     face = pose > 0
     if not face.any():
         return F.cross_entropy(logits, pose) + points.sum() * 0
-    error = (points[face] - target[face]).abs()
-    err = error.mean() if kind == "l1" else wing(error * size).mean() / size
-    return F.cross_entropy(logits, pose) + 10 * err
+    return F.cross_entropy(logits, pose) + 10 * (points[face] - target[face]).abs().mean()
 
 
-def epoch_order(d, profile_share, gen):
-    """An epoch's photos: each once in random order or, with profile_share, as many draws with profiles (pose
-    left or right) making that share of them on average."""
-    if profile_share is None:
-        return torch.randperm(len(d.indices), generator=gen)
+def epoch_order(d, gen):
+    """An epoch's photos: as many draws as photos, profiles (pose left or right) PROFILE_SHARE of them on
+    average, where CFP has 2 in 7."""
     profile = torch.as_tensor(d.pose > POSES.index("frontal"))
     if profile.all() or not profile.any():
-        raise DataError("--profile-share needs both frontal and profile training photos")
-    weight = torch.where(profile, profile_share / profile.sum(), (1 - profile_share) / (~profile).sum())
+        raise DataError("the landmark network needs both frontal and profile training photos")
+    weight = torch.where(profile, PROFILE_SHARE / profile.sum(), (1 - PROFILE_SHARE) / (~profile).sum())
     return torch.multinomial(weight.double(), len(d.indices), replacement=True, generator=gen)
 
 
 def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     net.train()
-    layout = torch.channels_last if args.amp and amp_dtype(torch.device("cpu")) else torch.contiguous_format
-    order = epoch_order(d, args.profile_share, gen)
-    steps, total, t0 = len(order) // args.batch_size, 0.0, time.time()
+    cpu = torch.device("cpu")
+    layout = torch.channels_last if channels_last(cpu, amp_dtype(cpu) if args.amp else None) else \
+        torch.contiguous_format
+    order = epoch_order(d, gen)
+    steps = len(order) // args.batch_size
+    meter = Progress(log, epoch - 1, args.epochs, steps, print_freq=20)
     for step in range(steps):
         rows = order[step * args.batch_size:(step + 1) * args.batch_size].numpy()
-        x, pose, target = random_views(d, rows, args.img_size, gen, margin=args.refine_margin,
-                                       jitter=args.refine_jitter)
-        with amp_autocast(torch.device("cpu"), args.amp):  # bf16 where the CPU has it, else a no-op
+        x, pose, target = random_views(d, rows, args.img_size, gen, jitter=args.refine_jitter)
+        with amp_autocast(cpu, args.amp):  # bf16 where the CPU has it, else a no-op
             logits, points = net(normalise(x).contiguous(memory_format=layout))
-        loss = landmark_loss(logits.float(), points.float(), pose, target, args.loss, args.img_size)
-        if not math.isfinite(loss.item()):
+        loss = landmark_loss(logits.float(), points.float(), pose, target)
+        if not meter.update(loss.item(), len(rows), sched.get_last_lr()[0]):
             raise UserError(f"the loss is {loss.item()} at epoch {epoch} step {step + 1}; try a lower --lr")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        total += loss.item()
-        if (step + 1) % args.print_freq == 0 or step + 1 == steps:
-            rate = (step + 1) * args.batch_size / (time.time() - t0)
-            log(f"epoch {epoch}/{args.epochs} step {step + 1}/{steps} loss {total / (step + 1):.4f} "
-                f"lr {sched.get_last_lr()[0]:.2e} {rate:.1f} img/s")
-    return total / max(steps, 1)
+    return meter.mean
 
 
 def score_photos(finder, cfp, indices):
@@ -497,32 +341,32 @@ def main(args):
     if np.intersect1d(cfp.identity[sets["train"]], cfp.identity[np.concatenate([sets["val"], sets["test"]])]).size:
         raise DataError("the training identities overlap the validation or test ones")
     os.makedirs(args.out, exist_ok=True)
-    log = Log(os.path.join(args.out, "log.txt"))
-    if args.amp and amp_dtype(torch.device("cpu")) is None:
+    log = Logger()
+    log.open(os.path.join(args.out, "log.txt"))
+    dtype = amp_dtype(torch.device("cpu")) if args.amp else None
+    if args.amp and dtype is None:
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
     log(f"landmarks: {len(sets['train'])} training photos (folds {roles['train']}), validation folds "
         f"{roles['val']}, test folds {roles['test']}; {args.img_size} px views")
-    write_json(os.path.join(args.out, "config.json"), {"task": "landmarks", "command": " ".join(["python"] + sys.argv),
-                                                       "args": vars(args), "torch": torch.__version__,
-                                                       "threads": torch.get_num_threads(), "folds": roles,
-                                                       "precision": "bfloat16" if args.amp and amp_dtype(
-                                                           torch.device("cpu")) else "float32"})
+    write_json(os.path.join(args.out, "config.json"), {
+        "task": "landmarks", "command": " ".join(["python"] + sys.argv), "args": vars(args), **git_state(args.out),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "folds": roles,
+        "precision": "bfloat16" if dtype else "float32"})
     t = time.time()
     d = FaceData(cfp, sets["train"], args.workers)
     val_idx = np.random.default_rng(args.seed).permutation(sets["val"])[:args.val_images]
     log(f"decoded {len(d.indices)} photos and cut {len(d.patches)} background patches in {time.time() - t:.0f}s")
-    net = LandmarkNet(args.img_size, maxpool=args.maxpool, head=args.head)
-    if args.amp and amp_dtype(torch.device("cpu")):
-        net = net.to(memory_format=torch.channels_last)  # oneDNN's fast layout for bf16 convolutions
+    net = LandmarkNet(args.img_size, maxpool=args.maxpool)
+    if channels_last(torch.device("cpu"), dtype):
+        net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.epochs * (len(d.indices) // args.batch_size)
-    warm = min(100, total // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    warmup = min(100, total // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", total, warmup, overlap=True))
     history, best, t = [], math.inf, time.time()
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
-        val, _, _ = score_photos(FaceFinder(net, margin=args.refine_margin), cfp, val_idx)
+        val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
         nme_val = mean_found(val.pop("nme"))
         history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
                         "val_found": val["found"], "minutes": (time.time() - t) / 60})
@@ -534,12 +378,6 @@ def main(args):
                          "val_nme": float(nme_val)}, os.path.join(args.out, "best.pt"))
         write_history(history, os.path.join(args.out, "history.csv"))
     test_and_report(args, cfp, sets, history, time.time() - t, log)
-
-
-def write_history(history, path):
-    lines = [",".join(history[0])] + [",".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in h.values())
-                                      for h in history]
-    atomic_write(path, "\n".join(lines) + "\n")
 
 
 def test_and_report(args, cfp, sets, history, train_seconds, log):
@@ -565,41 +403,6 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
         f"{pasted['background_alone']['found']:.4f} of pictures without one; "
         f"{train_seconds / 60:.1f} min -> {args.out}")
     return metrics
-
-
-def align_photos(cfp, indices, finder, aligner, size, fraction=None, seed=0, chunk=64):
-    """CFP photos aligned as a user's photo is, by the landmark network's landmarks (finder None: by the given
-    ones); with fraction, each photo first pasted into a picture 1/fraction its size, the given landmarks
-    moved with it. -> (uint8 (N, 3, size, size), what was found: the share of photos whose face was found
-    where the given landmarks put it (face boxes' IoU >= 0.5))"""
-    rng = np.random.default_rng(seed)
-    given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
-    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
-    if fraction is not None:
-        pieces = backgrounds_of(cfp, indices, rng)
-    out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
-    found, located = [], []
-    for k in range(0, len(indices), chunk):
-        rows = indices[k:k + chunk]
-        pictures = [open_image(cfp.paths[i]) for i in rows]
-        moved = [np.eye(3)] * len(pictures)
-        if fraction is not None:
-            pictures, moved = zip(*[paste(im, fraction, pieces, rng) for im in pictures])
-        true = [align.apply(m, cfp.landmarks[i]) for m, i in zip(moved, rows)] if given else None
-        # one photo a look, as --pair looks at a photo: kernels that differ with the batch size would move the
-        # landmarks by hundredths of a pixel, enough to move a score in its third decimal
-        faces = finder.find_all(pictures, chunk=1) if finder is not None else \
-            [(p, bool(cfp.profile[i]), pose, True) for p, i, pose in zip(true, rows, true_pose[k:k + chunk])]
-        for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, faces)):
-            out[k + j] = torch.from_numpy(np.asarray(warp(im, aligner.matrix(points, profile, size), size)).copy()
-                                          ).permute(2, 0, 1)
-            found.append(ok)
-            if given:
-                box = align.face_box(true[j], true_pose[k + j])
-                located.append(ok and iou(align.face_box(points, pose), box) >= 0.5)
-    source = {"source": "predicted", **finder.source} if finder is not None else {"source": "given"}
-    return out, {**source, "paste": fraction, "found": float(np.mean(found)),
-                 "found_at_its_place": float(np.mean(located)) if given else None}
 
 
 if __name__ == "__main__":

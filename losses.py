@@ -119,3 +119,14 @@ def build_loss(name, num_classes=None, embed_dim=None, margin=None, scale=None):
     if name == "cosine":
         return cls(**{k: v for k, v in kwargs.items() if k == "margin"})
     return cls()
+
+
+class Objective(nn.Module):
+    """Model and loss as one module, so DistributedDataParallel also syncs the loss's class centres."""
+
+    def __init__(self, model, criterion):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, inputs, target):
+        return self.criterion(self.model(*inputs), target)

@@ -26,11 +26,11 @@ BACKBONES = {
 }
 
 
-def build_backbone(name, pretrained=True, pool="avg", img_size=224, maxpool=True):
-    """A torchvision network without its ImageNet classifier -> (module, feature dim).
+EMBED_DIM = 512  # arch 2's embedding, arch 1 variation's compact feature
 
-    pool (ResNets): avg = torchvision's global average pool; flatten = the final feature map flattened,
-    which keeps where on the face a feature is (arcface_torch's heads do this). maxpool=False (ResNets)
+
+def build_backbone(name, pretrained=True, maxpool=True):
+    """A torchvision network without its ImageNet classifier -> (module, feature dim). maxpool=False (ResNets)
     drops the stem's max-pool: small faces keep twice the resolution through every stage."""
     tv_name = BACKBONES[name]
     weights = torchvision.models.get_model_weights(tv_name).DEFAULT if pretrained else None
@@ -48,11 +48,6 @@ def build_backbone(name, pretrained=True, pool="avg", img_size=224, maxpool=True
     net.fc = nn.Identity()
     if not maxpool:
         net.maxpool = nn.Identity()
-    if pool == "flatten":
-        net.avgpool = nn.Identity()  # torchvision's forward then flattens the (C, h, w) map
-        with torch.no_grad():
-            dim = net.eval()(torch.zeros(1, 3, img_size, img_size)).shape[1]
-        net.train()
     return net, dim
 
 
@@ -74,17 +69,16 @@ class SiameseNet(nn.Module):
     forward(x1, x2) -> arch 1: logits (B, K); arch 2: cosine similarity (B,)
     """
 
-    def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=512, num_logits=2,
-                 hidden=512, dropout=0.5, freeze=0.0, fix_bn_scale=False, embed_dropout=0.0):
+    def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=EMBED_DIM, num_logits=2,
+                 hidden=512, dropout=0.5, freeze=0.0, embed_dropout=0.0):
         super().__init__()
-        self.arch = arch
+        self.arch, self.embed_dim = arch, embed_dim
         self.backbone = backbone
         self.frozen, self.num_layers = freeze_layers(backbone, freeze)
         self.drop = nn.Dropout(embed_dropout)  # on the backbone's feature, before the neck (arcface_torch's `dropout`)
         if arch == 2:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.BatchNorm1d(embed_dim))
-            if fix_bn_scale:  # arcface_torch's `features` BatchNorm: scale held at 1, only the shift learns
-                self.neck[1].weight.requires_grad_(False)
+            self.neck[1].weight.requires_grad_(False)  # arcface_torch's `features` BatchNorm: only the shift learns
         elif variation:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.ReLU(inplace=True))
         else:
@@ -139,46 +133,37 @@ def pair_score(out):
 def build_model(args):
     """The network a run's arguments ask for (a dict or an argparse namespace)."""
     a = args if isinstance(args, dict) else vars(args)
-    backbone, dim = build_backbone(a["backbone"], a.get("pretrained", False), a.get("pool", "avg"),
-                                   a.get("img_size", 224), a.get("maxpool", True))
-    model = SiameseNet(backbone, dim, arch=a["arch"], variation=a.get("variation", False),
-                       embed_dim=a.get("embed_dim", 512), num_logits=2 if a["loss"] == "ce" else 1,
-                       freeze=a.get("freeze", 0.0), fix_bn_scale=a.get("fix_bn_scale", False),
-                       embed_dropout=a.get("dropout", 0.0))
-    return model
+    backbone, dim = build_backbone(a["backbone"], a["pretrained"], a["maxpool"])
+    return SiameseNet(backbone, dim, arch=a["arch"], variation=a["variation"], num_logits=2 if a["loss"] == "ce" else 1,
+                      freeze=a["freeze"], embed_dropout=a["dropout"])
 
 
 POSES = ("none", "frontal", "left", "right")  # the landmark network's classes: no face, or the face's pose
-
-
-LANDMARK_HEADS = ("flatten", "heatmap")
 
 
 class LandmarkNet(nn.Module):
     """Where a face is and how it is turned, from one square view of a photo.
 
     forward(x) -> (logits (N, 4) over POSES, points (N, 30, 2)): CFP's 30 landmarks in units of the view's
-    side, (0, 0) its top left corner. A ResNet18 from random init whose last feature map is flattened, not
-    averaged, so that the pose knows where on the view each feature lies. The landmarks come from
-    head="flatten": the same flattened map, through one linear layer; or
-    head="heatmap": a heatmap per landmark at a quarter of the view's resolution, from the last map brought
-        back up through the stages before it (a feature pyramid), and the landmark at its expected position
-        under the heatmap's softmax (integral regression, Sun et al. 2018), which keeps every layer's
-        translation equivariance where the linear layer has to learn each place anew.
-    maxpool=False drops the stem's max-pool, for maps of twice the resolution at about twice the cost."""
+    side, (0, 0) its top left corner. A ResNet18 from random init. The pose comes from its last feature map
+    flattened, not averaged, so that it knows where on the view each feature lies. Each landmark comes from a
+    heatmap at a quarter of the view's resolution, made from the last map brought back up through the stages
+    before it (a feature pyramid), as the expected position under the heatmap's softmax (integral regression,
+    Sun et al. 2018), which keeps every layer's translation equivariance. maxpool=False drops the stem's
+    max-pool, for maps of twice the resolution at about twice the cost."""
 
-    def __init__(self, img_size=64, num_points=30, maxpool=True, head="heatmap", width=64):
+    def __init__(self, img_size=64, num_points=30, maxpool=True, width=64):
         super().__init__()
-        if head not in LANDMARK_HEADS:
-            raise ValueError(f"unknown landmark head {head!r}")
-        self.img_size, self.num_points, self.kind = img_size, num_points, head
-        self.backbone, dim = build_backbone("resnet18", pretrained=False, pool="flatten", img_size=img_size,
-                                            maxpool=maxpool)
-        self.head = nn.Linear(dim, len(POSES) + (2 * num_points if head == "flatten" else 0))
-        if head == "heatmap":
-            self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in (64, 128, 256, 512))  # layer1..layer4
-            self.heat = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                      nn.ReLU(inplace=True), nn.Conv2d(width, num_points, 1))
+        self.img_size, self.num_points = img_size, num_points
+        self.backbone, _ = build_backbone("resnet18", pretrained=False, maxpool=maxpool)
+        self.backbone.eval()  # a trial forward for the map's size that leaves BatchNorm's statistics alone
+        with torch.no_grad():
+            dim = self.stages(torch.zeros(1, 3, img_size, img_size))[3].numel()
+        self.backbone.train()
+        self.head = nn.Linear(dim, len(POSES))
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in (64, 128, 256, 512))  # layer1..layer4
+        self.heat = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                  nn.ReLU(inplace=True), nn.Conv2d(width, num_points, 1))
 
     def stages(self, x):
         """The ResNet's four stages' maps (strides 4, 8, 16, 32 with the max-pool)."""
@@ -203,9 +188,5 @@ class LandmarkNet(nn.Module):
         return torch.stack([(prob.sum(2) * xs).sum(-1), (prob.sum(3) * ys).sum(-1)], -1)  # (N, P, 2)
 
     def forward(self, x):
-        if self.kind == "flatten":
-            out = self.head(self.backbone(x))                                    # (N, 4 + 2P)
-            logits, points = out.split([len(POSES), 2 * self.num_points], dim=1)
-            return logits, 0.5 + points.view(-1, self.num_points, 2)             # points around the centre
         maps = self.stages(x)
         return self.head(torch.flatten(maps[3], 1)), self.heatmap_points(maps)

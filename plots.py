@@ -11,8 +11,10 @@ import io
 import math
 
 import numpy as np
+import torch
 
 from data import KINDS
+from images import augment, clutter
 from metrics import auc, roc
 from utils import atomic_write
 
@@ -160,9 +162,26 @@ def plot_pair(a, b, score, threshold, verdict, path):
     _save(fig, path)
 
 
-def plot_inputs(rows, path, per_row=16, title=""):
-    """What the network sees: rows {label: uint8 (N, 3, H, W)}, each drawn as one strip of up to per_row faces."""
+def input_rows(train_set, bank, val_pairs, cfp, args, n=16):
+    """A training batch after augmentation and validation faces of each pose, as uint8 images."""
+    idx = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(args.seed))[:n]
+    inputs, _ = train_set.batch(bank, idx)
+    x = inputs[0].float() / 255
+    if args.augment:
+        x = augment(clutter(x, args.clutter) if args.clutter else x)
+    val = np.unique(val_pairs[:, :2])
+    rows = {f"training batch, {'augmented' if args.augment else 'not augmented'}": (x * 255).round().byte()}
+    for name, sel in (("validation frontal", ~cfp.profile[val]), ("validation profile", cfp.profile[val])):
+        if sel.any():
+            rows[name] = bank[val[sel][:: max(1, sel.sum() // n)][:n]]
+    return rows
+
+
+def plot_inputs(train_set, bank, val_pairs, cfp, args, path, per_row=16, title=""):
+    """What the network sees: a training batch after augmentation, validation frontal and profile faces, each
+    drawn as one strip of up to per_row faces."""
     plt = _pyplot()
+    rows = input_rows(train_set, bank, val_pairs, cfp, args, per_row)
     fig, axes = plt.subplots(len(rows), 1, figsize=(per_row * 0.8, 1.0 * len(rows) + 0.4), squeeze=False)
     for ax, (label, images) in zip(axes[:, 0], rows.items()):
         images = images[:per_row].cpu()

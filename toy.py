@@ -2,10 +2,11 @@
 
 It lets every path of the project run in seconds with no download:
 
-    python data.py --make-toy toy
+    python toy.py toy                        the toy CFP
     python train.py --data-root toy ...      (a folder named toy that does not exist yet is written first)
-    python data.py --make-toy-folders DIR    the same faces as identity folders, DIR/IDENTITY/NAME.jpg, any size
+    python toy.py --folders DIR [--identities N --per-identity M]   the same faces as identity folders
 """
+import argparse
 import colorsys
 import os
 
@@ -13,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data import KINDS, NUM_FOLDS
+from utils import UserError, run_cli
 
 
 def make_toy(out, num_ids=100, same_per_kind=25, size_range=(40, 88), seed=0):
@@ -117,3 +119,33 @@ def sample_pairs(rng, fold_ids, kind, same, count):
             continue
         rows.add((a * 10 + i + 1, b * n_second + j + 1))
     return sorted(rows)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=str, help="the folder to write, empty or not there yet")
+    p.add_argument("--folders", action="store_true", help="identity folders, DIR/IDENTITY/NAME.jpg, of any size "
+                                                          "(default: CFP's layout)")
+    p.add_argument("--identities", type=int, default=100, help="--folders: identities (default: 100)")
+    p.add_argument("--per-identity", type=int, default=14, help="--folders: images per identity (default: 14)")
+    p.add_argument("--max-size", type=int, default=88,
+                   help="--folders: largest image side; the smallest is half of it (default: 88)")
+    p.add_argument("--seed", type=int, default=0, help="toy dataset seed (default: 0)")
+    return p
+
+
+def main(args):
+    if os.path.isdir(args.out) and os.listdir(args.out):
+        raise UserError(f"{args.out}: the folder is not empty; choose another")
+    if not args.folders:
+        make_toy(args.out, seed=args.seed)
+        return print(f"wrote the synthetic toy dataset to {args.out}")
+    if args.identities < 2 or args.per_identity < 2 or args.max_size < 16:
+        raise UserError("--folders needs --identities and --per-identity of 2 or more, --max-size 16+")
+    make_toy_folders(args.out, args.identities, args.per_identity, (args.max_size // 2, args.max_size + 1),
+                     args.seed)
+    print(f"wrote {args.identities} x {args.per_identity} synthetic toy faces to {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser().parse_args())

@@ -1,13 +1,17 @@
 """Small helpers shared by the scripts: errors, atomic files, checkpoints, distributed setup."""
+import csv
 import errno
 import fcntl
 import glob
 import hashlib
+import io
 import json
+import math
 import os
 import pickle
 import subprocess
 import sys
+import time
 import zipfile
 
 import torch
@@ -15,18 +19,28 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """Bad input the user can fix: printed as one line, no traceback (unless --debug)."""
+    """Bad input the user can fix: printed as one line, no traceback (unless DEBUG=1)."""
 
 
 class DiskFull(UserError):
     pass
 
 
+class DataError(UserError):
+    """A dataset, image or landmark file that cannot be used: one line naming it."""
+
+
+def quote(text, limit=60):
+    """repr() of an input line, cut short: a 50 MB line must not become a 50 MB error message."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def run_cli(main, args):
+    """A script's main(args) with bad input as one line on stderr and exit status 2 (a traceback with DEBUG=1)."""
     try:
         main(args)
     except UserError as e:
-        if getattr(args, "debug", False):
+        if os.environ.get("DEBUG"):
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "exit_code", 2))
@@ -230,9 +244,10 @@ def amp_autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def git_state():
+def git_state(out=None):
     """{"git": the commit (with -dirty when tracked files differ from it), "git_diff_sha1": a hash of that
-    difference (None when clean)}: enough to tell whether two runs came from the same code."""
+    difference (None when clean)}: enough to tell whether two runs came from the same code. With out, a dirty
+    tree's difference itself is kept there as git.diff, so that the run can be made again."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -240,7 +255,112 @@ def git_state():
         diff = subprocess.run(["git", "diff", "HEAD"], cwd=here, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"git": None, "git_diff_sha1": None}
+    if diff and out:
+        atomic_write(os.path.join(out, "git.diff"), diff)
     return {"git": rev + ("-dirty" if diff else ""), "git_diff_sha1": hashlib.sha1(diff).hexdigest() if diff else None}
+
+
+# ---------------------------------------------------------------------------
+# The pieces of a training loop that train.py and landmarks.py share
+
+
+class Logger:
+    """Prints (on rank 0) and keeps a copy in the run's log.txt, from the run's first line on: lines
+    printed before the run folder exists are written there when it is opened."""
+
+    def __init__(self, enabled=True):
+        self.enabled, self.path, self.pending = enabled, None, []
+
+    def open(self, path):
+        self.path = path
+        self._write("".join(line + "\n" for line in self.pending))
+        self.pending = []
+
+    def __call__(self, *msg):
+        if not self.enabled:
+            return
+        line = " ".join(str(m) for m in msg)
+        print(line, flush=True)
+        if self.path:
+            self._write(line + "\n")
+        else:
+            self.pending.append(line)
+
+    def _write(self, text):
+        try:
+            with open_nofollow(self.path, "a") as f:
+                f.write(text)
+        except OSError as e:
+            if disk_full(e):
+                raise DiskFull(f"no space left on device while writing {self.path}") from None
+            raise
+
+
+class Progress:
+    """pytorch/examples' meters for one epoch: the running mean loss, the steps skipped for a non-finite loss,
+    and a line every print_freq steps or 10 s with images/s and the time left."""
+
+    def __init__(self, log, epoch, epochs, n_batches, print_freq=50):
+        self.log, self.epoch, self.epochs, self.n, self.print_freq = log, epoch, epochs, n_batches, print_freq
+        self.total, self.seen, self.skipped, self.images, self.step = 0.0, 0, 0, 0, 0
+        self.t0 = self.last = time.time()
+
+    @property
+    def mean(self):
+        return self.total / max(self.seen, 1)
+
+    def update(self, loss, images, lr):
+        """One step's loss (skipped when not finite), how many images it took and its learning rate ->
+        whether the loss counted."""
+        self.step, self.images, finite = self.step + 1, self.images + images, math.isfinite(loss)
+        self.total, self.seen, self.skipped = (self.total + loss, self.seen + 1, self.skipped) if finite else \
+            (self.total, self.seen, self.skipped + 1)
+        now = time.time()
+        if self.step % self.print_freq == 0 or now - self.last >= 10 or self.step == self.n:
+            self.last, per_step = now, (now - self.t0) / self.step
+            epoch_left = per_step * (self.n - self.step)
+            self.log(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.n} loss {self.mean:.4f} "
+                     f"lr {lr:.2e} {self.images / (now - self.t0):.1f} img/s eta epoch {hms(epoch_left)} "
+                     f"run {hms(epoch_left + per_step * self.n * (self.epochs - self.epoch - 1))}")
+        return finite
+
+
+def hms(seconds):
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+        else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def write_history(history, path):
+    """Per-epoch rows (dicts with the same keys) as a CSV file."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(history[0]))
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write(path, buf.getvalue())
+
+
+def lr_lambda(schedule, total, warmup, overlap=False):
+    """The learning rate's factor at each optimizer step: a linear warmup from 0 over `warmup` steps, then
+    constant (none), cosine to 0 (cosine) or x0.1 at 1/2 and 3/4 of the `total` steps (step). With overlap (the
+    landmark network's), the cosine spans every step and the warmup's factor multiplies its start."""
+    def f(step):
+        if overlap:
+            return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        if schedule == "step":
+            return 0.1 ** sum(step >= m * total for m in (0.5, 0.75))
+        return 1.0
+    return f
+
+
+def channels_last(device, dtype):
+    """Whether the network and its inputs take the channels_last layout, cuDNN's and oneDNN's fast one for
+    convolutions: always on CUDA, on the CPU with bf16 autocast (dtype None: fp32)."""
+    return device.type == "cuda" or dtype is not None
 
 
 # ---------------------------------------------------------------------------

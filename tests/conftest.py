@@ -35,9 +35,14 @@ def smoke_args(toy, out, *extra):
     """train.py arguments for a seconds-long CPU run on the tiny toy dataset."""
     import train
     argv = ["--data-root", str(toy), "--out", str(out), "--backbone", "resnet18", "--no-pretrained",
-            "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", "--device", "cpu",
-            "--print-freq", "1000", *map(str, extra)]
+            "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--lr", "1e-3", *map(str, extra)]
     return train.get_args_parser().parse_args(argv)
+
+
+def model_args(**kw):
+    """A complete set of the arguments models.build_model reads: a random-init ResNet18, arch 2 (ArcFace)."""
+    return {"arch": 2, "variation": False, "loss": "arcface", "backbone": "resnet18", "pretrained": False,
+            "maxpool": True, "freeze": 0.0, "dropout": 0.0, **kw}
 
 
 def cli(module, *argv):

@@ -40,7 +40,8 @@ src=$OLDPWD
 py() { python "$src/$1" "${@:2}"; }
 
 # the toy in CFP's layout, the same with hand-made landmark files, and toy identity folders
-py data.py --make-toy toy > /dev/null
+maker() { if grep -q "^def main" "$src/toy.py"; then py toy.py "$@"; else py data.py --make-toy "$@"; fi; }
+maker toy > /dev/null
 cp -r toy toy_lm
 python - <<'EOF'
 import os, sys
@@ -69,9 +70,10 @@ for kind in ("frontal", "profile"):
         with open(txt, "w") as f:
             f.writelines(f"{x:.3f},{y:.3f}\n" for x, y in face(facing) * (min(w, h) / 120))
 EOF
-py data.py --make-toy-folders folders --identities 40 --per-identity 6 > /dev/null
+if grep -q "^def main" "$src/toy.py"; then py toy.py --folders folders --identities 40 --per-identity 6 > /dev/null
+else py data.py --make-toy-folders folders --identities 40 --per-identity 6 > /dev/null; fi
 
-small="--backbone resnet18 --no-pretrained --img-size 32 --batch-size 16 --epochs 2 --lr 1e-3 --device cpu --workers 1"
+small="--backbone resnet18 --no-pretrained --img-size 32 --batch-size 16 --epochs 2 --lr 1e-3 --workers 1"
 train() { local name=$1; shift; py train.py $small --out runs/$name "$@" > runs/$name.out 2>&1; }
 train a1_ce --data-root toy --arch 1 --loss ce
 train a1v_bce --data-root toy --arch 1 --variation --loss bce
@@ -81,7 +83,7 @@ train cosface --data-root toy --loss cosface
 train aligned --data-root toy_lm --loss arcface --align template --clutter 0.5 --amp
 train folders --data-root folders --loss arcface --align none
 train folders_eval_root --data-root folders --loss arcface --align none --eval-root toy
-train resumed --data-root toy --loss arcface --epochs 3 --max-steps 20
+train resumed --data-root toy --loss arcface --epochs 1
 train resumed --data-root toy --loss arcface --epochs 3 --resume
 py landmarks.py --data-root toy_lm --out runs/landmarks --img-size 32 --epochs 1 --batch-size 16 --val-images 8 \
     --workers 1 > runs/landmarks.out 2>&1

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 import align
 import data
 import evaluate
+import images
 import train
 from conftest import cli, smoke_args
 
@@ -94,7 +95,7 @@ def test_decoded_face_is_warped_where_the_matrix_says(tmp_path):
     ImageDraw.Draw(img).ellipse([eye[0] - 16, eye[1] - 16, eye[0] + 16, eye[1] + 16], fill=(255, 255, 255))
     img.save(tmp_path / "photo.png")
     m = align.warp_matrix(points, True, 64, "box")
-    x = data.decode_image(str(tmp_path / "photo.png"), 64, matrix=m)
+    x = images.decode_image(str(tmp_path / "photo.png"), 64, matrix=m)
     assert x.shape == (3, 64, 64)
     y, xs = np.unravel_index(int(x[0].float().argmax()), (64, 64))
     expected = align.apply(m, eye[None])[0]
@@ -156,9 +157,9 @@ def test_check_counts_landmarks_and_names_points_outside(toy_lm, tmp_path):
 def test_cache_key_includes_the_alignment(toy_lm, tmp_path):
     cfp = data.load_cfp(toy_lm)
     idx = np.arange(6)
-    box = data.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path), aligner=align.Aligner("box", 1.25))
-    wider = data.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path), aligner=align.Aligner("box", 2.0))
-    whole = data.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path))
+    box = images.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path), aligner=align.Aligner("box", 1.25))
+    wider = images.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path), aligner=align.Aligner("box", 2.0))
+    whole = images.ImageBank(cfp, idx, 32, cache_dir=str(tmp_path))
     assert len(os.listdir(tmp_path)) == 3
     assert not torch.equal(box.images, wider.images) and not torch.equal(box.images, whole.images)
 
@@ -190,11 +191,11 @@ def test_aligned_training_records_its_alignment_and_pictures_its_inputs(toy_lm, 
 
 
 def test_align_defaults_follow_the_dataset(toy, tmp_path):
-    args = smoke_args(toy, tmp_path / "run", "--epochs", "1", "--max-steps", "1")
+    args = smoke_args(toy, tmp_path / "run", "--epochs", "1")
     train.main(args)
     assert args.align == "none"  # no Data/Fiducials: whole images, as before
     r = cli(train, *["--data-root", toy, "--out", tmp_path / "r2", "--align", "template", "--backbone", "resnet18",
-                     "--no-pretrained", "--img-size", "32", "--device", "cpu"])
+                     "--no-pretrained", "--img-size", "32"])
     assert r.returncode == 2 and "has no Data/Fiducials landmark files" in r.stderr
 
 

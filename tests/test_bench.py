@@ -6,7 +6,7 @@ from conftest import cli
 
 def test_bench_times_every_path_and_ends_with_the_ratio(toy):
     r = cli(bench, "--data-root", toy, "--img-size", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-            "--eval-images", "16", "--seed-baseline", "--device", "cpu")
+            "--eval-images", "16", "--seed-baseline")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     for path in ("model-only", "end-to-end", "seed baseline", "evaluation"):

@@ -10,6 +10,8 @@ from PIL import Image
 
 import data
 import evaluate
+import images
+import report
 import metrics
 import models
 import train
@@ -48,7 +50,7 @@ def test_embed_once_counts_and_flip_tta(fold3_run, toy):
     model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
     cfp = data.load_cfp(toy)
     pairs, _ = cfp.pairs(list(range(1, 11)))
-    bank = data.ImageBank(cfp, pairs[:, :2].ravel(), ckpt["args"]["img_size"])
+    bank = images.ImageBank(cfp, pairs[:, :2].ravel(), ckpt["args"]["img_size"])
     calls = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     res = evaluate.evaluate(model, bank, pairs, batch_size=32)
@@ -60,20 +62,20 @@ def test_embed_once_counts_and_flip_tta(fold3_run, toy):
     # flip TTA: the mean of the image's and its mirror's features (the scale the head was trained on)
     idx = np.unique(pairs[:, :2])[:5]
     with torch.no_grad():
-        x = data.preprocess(bank[idx])
+        x = images.preprocess(bank[idx])
         expected = (model(x) + model(x.flip(3))) / 2
     assert torch.allclose(evaluate.extract(model, bank, idx, tta=True), expected, atol=1e-5)
     assert not torch.allclose(expected, model(x).detach(), atol=1e-3)  # the mirror does change the features
     # scores from stored features equal scoring each pair from scratch
     with torch.no_grad():
-        x = lambda col: data.preprocess(bank[pairs[:, col]])
+        x = lambda col: images.preprocess(bank[pairs[:, col]])
         direct = model(x(0), x(1)).numpy()
     assert np.allclose(res["scores"], direct, atol=1e-5)
 
 
 def test_folds_are_reported_in_their_roles(fold3_run, tmp_path):
     out, _ = fold3_run
-    r = run_evaluate(out, "--folds", *range(1, 11), "--json", tmp_path / "e.json", "--device", "cpu")
+    r = run_evaluate(out, "--folds", *range(1, 11), "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     ev = json.load(open(tmp_path / "e.json"))
     assert ev["test"]["folds"] == [3] and ev["val"]["folds"] == [4]
@@ -86,7 +88,7 @@ def test_folds_are_reported_in_their_roles(fold3_run, tmp_path):
     lines = r.stdout.splitlines()
     assert lines[0].startswith("seen in training, folds [1, 2, 5, 6, 7, 8, 9, 10]: ")
     assert lines[1].startswith("validation") and lines[2].startswith("test, folds [3]: ")
-    r = run_evaluate(out, "--folds", 3, "--json", tmp_path / "f.json", "--device", "cpu")
+    r = run_evaluate(out, "--folds", 3, "--json", tmp_path / "f.json")
     ev3 = json.load(open(tmp_path / "f.json"))
     assert set(ev3) & {"train", "val", "test"} == {"test"} and ev3["test"] == {**ev["test"], "embed_seconds":
                                                                                 ev3["test"]["embed_seconds"]}
@@ -116,7 +118,7 @@ def test_summary_of_ten_folds_uses_each_folds_metrics(tmp_path):
         fake_fold_run(runs / f"cfg_fold{k:02d}", k, ff[k - 1], fp[k - 1], (pairs, kinds, scores))
         for kind in pooled:
             pooled[kind].append((scores[kinds == kind], labels[kinds == kind]))
-    table, raw = evaluate.summarize(str(runs))
+    table, raw = report.summarize(str(runs))
     row = next(line for line in table.splitlines() if line.startswith("| cfg | 10 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{np.mean(ff):.4f} +- {np.std(ff, ddof=1):.4f}"  # the sample standard deviation
@@ -166,18 +168,18 @@ def arch1_run(toy, tmp_path_factory):
 
 
 def test_tta_threshold_is_chosen_under_tta(arch1_run, toy, tmp_path):
-    r = run_evaluate(arch1_run, "--tta", "flip", "--json", tmp_path / "tta.json", "--device", "cpu")
+    r = run_evaluate(arch1_run, "--tta", "flip", "--json", tmp_path / "tta.json")
     assert r.returncode == 0, r.stderr
     ev = json.load(open(tmp_path / "tta.json"))
     model, ckpt = evaluate.load_model(str(arch1_run), torch.device("cpu"))
     cfp = data.load_cfp(toy)
     pairs, kinds = cfp.pairs([7, 8])
-    bank = data.ImageBank(cfp, pairs[:, :2].ravel(), 32, resize=ckpt["args"]["resize"])
+    bank = images.ImageBank(cfp, pairs[:, :2].ravel(), 32, resize=ckpt["args"]["resize"])
     res = evaluate.evaluate(model, bank, pairs, tta=True)
     expected = metrics.thresholds_by_kind(res["scores"], res["labels"], kinds)
     for kind in ("all", "FF", "FP"):
         assert ev["thresholds"][kind] == pytest.approx(expected[kind][0])
-    assert ev["thresholds"] != evaluate.run_thresholds(ckpt)  # not the thresholds found without TTA
+    assert ev["thresholds"] != ckpt["thresholds"]  # not the thresholds found without TTA
     assert f"(threshold {expected['all'][0]:.4f})" in r.stdout.splitlines()[0]
 
 
@@ -191,7 +193,7 @@ def test_verify_two_arbitrary_photos(arch, fold3_run, arch1_run, toy, tmp_path):
     model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
     assert model.arch == arch
     with torch.no_grad():  # the network on the two decoded photos, directly
-        x = [data.preprocess(data.decode_image(str(p), 32, ckpt["args"]["resize"])[None]) for p in (big, gray)]
+        x = [images.preprocess(images.decode_image(str(p), 32, ckpt["args"]["resize"])[None]) for p in (big, gray)]
         expected = float(models.pair_score(model(*x))[0])
     for kind in ("all", "FP"):
         r = run_evaluate(out, "--pair", big, gray, "--kind", kind, "--show", tmp_path / f"{kind}.png")
@@ -227,6 +229,6 @@ def test_verify_unreadable_file_is_one_line(fold3_run, tmp_path):
 def test_results_page_is_generated_from_the_run_files():
     """results/README.md is exactly what --summarize makes of the committed runs: no figure typed by hand."""
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results")
-    text, _ = evaluate.results_page(root)
+    text, _ = report.results_page(root)
     with open(os.path.join(root, "README.md")) as f:
         assert f.read() == text, "stale: python evaluate.py --summarize results --out results/README.md"

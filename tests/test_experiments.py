@@ -36,9 +36,11 @@ def dry_run_lines(*ids):
 
 
 def all_rows():
+    """(ID, command) of every row, a `tenfold` row once per test fold."""
     with open(os.path.join(ROOT, "experiments.sh")) as f:
-        return [(m.group(1), m.group(2)) for m in re.finditer(r"^run (\S+) (python (?:train|landmarks)\.py .*)$",
-                                                              f.read(), re.M)]
+        found = re.findall(r"^(run|tenfold) (\S+) (python (?:train|landmarks)\.py .*)$", f.read(), re.M)
+    return [(i, line.replace("{K}", f"{k:02d}").replace("{k}", str(k))) for kind, i, line in found
+            for k in (range(1, 11) if kind == "tenfold" else [0])]
 
 
 def train_rows():
@@ -57,8 +59,8 @@ def test_dry_run_lists_every_seed_row():
 def test_selection_extra_args_and_refusals():
     assert dry_run_lines("23", "63") == [c for i, c in all_rows() if i in ("23", "63")]
     assert len(dry_run_lines("13")) == 6  # an ID with several rows runs all of them
-    r = sh("--dry-run", "01", env={"EXTRA_ARGS": "--img-size 32 --max-steps 2"})
-    assert r.stdout.strip().endswith("--img-size 32 --max-steps 2")
+    r = sh("--dry-run", "01", env={"EXTRA_ARGS": "--img-size 32"})
+    assert r.stdout.strip().endswith("--img-size 32")
     for bad in (["99"], ["--bogus"], ["01", "7"]):
         r = sh("--dry-run", *bad)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and r.stdout == "", bad
@@ -79,15 +81,14 @@ def test_every_line_builds_what_it_asks_for(toy):
         if exp_id.isdigit():  # the seed's rows: its data handling, said explicitly
             assert "--pairs-from protocol" in line and "--resize squash" in line, line
             assert args.pretrained == ("random init" not in line and exp_id not in ("02", "04", "06", "08")), line
-        key = (args.arch, args.variation, args.loss, args.backbone, args.freeze, args.optimizer, args.lr,
-               args.embed_dim)
+        key = (args.arch, args.variation, args.loss, args.backbone, args.freeze, args.optimizer, args.lr)
         if key in built:
             continue
         args.pretrained = False
         model = models.build_model(args)
         folds = data.split_folds(args.protocol, args.test_fold)
         num_classes = len(cfp.identities_of(folds["train"]))
-        criterion = losses.build_loss(args.loss, num_classes, args.embed_dim, args.margin, args.scale)
+        criterion = losses.build_loss(args.loss, num_classes, models.EMBED_DIM, args.margin, args.scale)
         optimizer = train.build_optimizer(args, [model, criterion])
         built[key] = line
         # the named torchvision network: same parameter count as torchvision's, less its classifier
@@ -103,7 +104,7 @@ def test_every_line_builds_what_it_asks_for(toy):
         assert neck == expected_neck, line
         if args.arch == 1:  # the decision network sees both branches' features, one or two logits
             assert model.decision[-1].out_features == (2 if args.loss == "ce" else 1), line
-            assert model.decision[0].in_features == 2 * (args.embed_dim if args.variation else
+            assert model.decision[0].in_features == 2 * (models.EMBED_DIM if args.variation else
                                                          {"vgg16": 25088}.get(args.backbone, 2048)), line
         assert isinstance(optimizer, {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[args.optimizer]), line
         assert all(g["lr"] == args.lr for g in optimizer.param_groups), line
@@ -124,7 +125,7 @@ def test_sweep_skips_finished_resumes_interrupted_and_forces(toy, tmp_path):
         shutil.copy(os.path.join(ROOT, f), tmp_path / f)
     # the rows' own flags, on the toy data, with a CPU-sized network (the last flag wins)
     env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
-                         f"--epochs 2 --max-steps 3 --device cpu --eval-batch-size 128"}
+                         f"--epochs 2"}
     r = sh("01", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     run01 = tmp_path / "runs" / "exp01_bce_vgg16_7e"
@@ -151,20 +152,41 @@ def copy_project(tmp_path):
 
 def test_a_smoke_run_is_not_taken_for_the_real_one(toy, tmp_path):
     copy_project(tmp_path)
-    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --device cpu"
-    r = sh("01", env={"EXTRA_ARGS": tiny + " --max-steps 1"}, cwd=tmp_path)
+    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4"
+    r = sh("01", env={"EXTRA_ARGS": tiny + " --epochs 1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = sh("01", env={"EXTRA_ARGS": tiny + " --max-steps 2"}, cwd=tmp_path)  # another line: trained, not skipped
+    run01 = tmp_path / "runs/exp01_bce_vgg16_7e"
+    before = (run01 / "best.pt").read_bytes()
+    r = sh("01", env={"EXTRA_ARGS": tiny + " --epochs 2"}, cwd=tmp_path)  # another line: neither skipped nor replaced
+    assert r.returncode == 2 and "holds a finished run of another command line; kept" in r.stderr
+    assert (run01 / "best.pt").read_bytes() == before
+    r = sh("--force", "01", env={"EXTRA_ARGS": tiny + " --epochs 2"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "skipped" not in r.stdout and "--overwrite" in r.stdout.splitlines()[0]
-    assert "--max-steps 2" in json.load(open(tmp_path / "runs/exp01_bce_vgg16_7e/config.json"))["command"]
+    assert "--epochs 2" in json.load(open(run01 / "config.json"))["command"]
+
+
+def test_an_out_in_extra_args_is_the_folder_checked_and_a_finished_run_there_is_kept(toy, tmp_path):
+    copy_project(tmp_path)
+    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --epochs 1"
+    r = sh("01", env={"EXTRA_ARGS": tiny}, cwd=tmp_path)  # a finished run of row 01 in its own folder
+    assert r.returncode == 0, r.stderr[-2000:]
+    mine = tmp_path / "runs/exp01_bce_vgg16_7e"
+    before = {f: (mine / f).read_bytes() for f in ("best.pt", "config.json")}
+    r = sh("05", env={"EXTRA_ARGS": f"{tiny} --out {mine}"}, cwd=tmp_path)  # row 05 aimed at 01's folder
+    assert r.returncode == 2 and str(mine) in r.stderr and "kept" in r.stderr
+    assert {f: (mine / f).read_bytes() for f in before} == before
+    other = tmp_path / "runs/mine"
+    for _ in range(2):  # into a new folder of its own, then found finished there
+        r = sh("05", env={"EXTRA_ARGS": f"{tiny} --out {other}"}, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[05] {other} is finished: skipped" in r.stdout
 
 
 def test_sigterm_stops_the_training_it_started_after_listing_the_plan(toy, tmp_path):
     copy_project(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
-                         f"--device cpu --epochs 50"}
+                         f"--epochs 50"}
     p = subprocess.Popen(["bash", "experiments.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     plan = []
@@ -188,7 +210,7 @@ def test_relative_cfp_root_is_taken_from_where_the_user_stands(toy, tmp_path):
     copy_project(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "CFP_ROOT": os.path.basename(toy),  # relative to the folder the user stands in, not to the script's
-           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --device cpu --max-steps 1"}
+           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4"}
     r = subprocess.run(["bash", str(tmp_path / "experiments.sh"), "01"], cwd=os.path.dirname(toy), env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -215,5 +237,5 @@ def test_the_landmark_lines_parse_and_train_the_network_the_predicted_line_uses(
         elif "--landmark-net" in argv:  # its landmark network is trained by a row before it
             assert trained.get(argv[argv.index("--landmark-net") + 1], n) < n, line
     assert trained and any("--landmark-net" in line for _, line in all_rows())
-    r = sh("--dry-run", "landmarks", env={"LANDMARK_ARGS": "--epochs 1", "EXTRA_ARGS": "--max-steps 2"})
+    r = sh("--dry-run", "landmarks", env={"LANDMARK_ARGS": "--epochs 1", "EXTRA_ARGS": "--epochs 2"})
     assert r.stdout.strip().endswith("--amp --epochs 1")  # each script gets its own extra flags

@@ -10,6 +10,7 @@ import torch
 
 import data
 import evaluate
+import images
 import train
 from conftest import cli, smoke_args
 from toy import make_toy_folders
@@ -25,7 +26,7 @@ def folders(tmp_path_factory):
 @pytest.fixture(scope="module")
 def held_out_run(folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "folders"
-    metrics = train.main(smoke_args(folders, out, "--loss", "arcface", "--epochs", "1", "--holdout", "0.15"))
+    metrics = train.main(smoke_args(folders, out, "--loss", "arcface", "--epochs", "1"))
     return out, metrics
 
 
@@ -47,14 +48,14 @@ def test_identity_folders_are_read_by_their_layout(folders, tmp_path):
 def test_held_out_identities_are_disjoint_and_their_pairs_are_the_runs(folders, held_out_run):
     out, metrics = held_out_run
     ds = data.load_dataset(folders)
-    train_ids, val_ids, test_ids = data.holdout_identities(ds, 0, 0.15)
-    assert len(val_ids) == len(test_ids) == 4
+    train_ids, val_ids, test_ids = data.holdout_identities(ds, 0)
+    assert len(val_ids) == len(test_ids) == 2  # 10% of 24, at least 2
     assert not set(train_ids) & set(val_ids) | set(train_ids) & set(test_ids) | set(val_ids) & set(test_ids)
     test = data.read_pair_file(str(out / "pairs_test.txt"), ds)
     assert set(ds.identity[test[:, :2].ravel()]) == set(test_ids) and (test[:, 0] != test[:, 1]).all()
     assert ((ds.identity[test[:, 0]] == ds.identity[test[:, 1]]) == test[:, 2]).all()
     config = json.load(open(out / "config.json"))
-    assert config["data"]["layout"] == "identity folders" and config["data"]["training_identities"] == 16
+    assert config["data"]["layout"] == "identity folders" and config["data"]["training_identities"] == 20
     r = cli(evaluate, out, "--json", out / "again.json")  # the run's own pairs: the same test accuracy
     assert r.returncode == 0, r.stderr
     assert json.load(open(out / "again.json"))["test"]["all"]["acc"] == pytest.approx(metrics["test_acc"], abs=1e-9)
@@ -85,7 +86,7 @@ def test_benchmark_chooses_each_folds_threshold_on_the_other_nine(held_out_run, 
     b = json.load(open(tmp_path / "b.json"))
     model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
     cfp = data.load_cfp(toy)
-    bank = data.ImageBank(cfp, np.arange(len(cfp.paths)), 32)
+    bank = images.ImageBank(cfp, np.arange(len(cfp.paths)), 32)
     for kind in data.KINDS:
         scores = {k: evaluate.evaluate(model, bank, cfp.folds[k][kind])["scores"] for k in cfp.folds}
         accs = []
@@ -100,7 +101,7 @@ def test_benchmark_chooses_each_folds_threshold_on_the_other_nine(held_out_run, 
 
 def test_benchmark_refuses_a_run_trained_on_cfp_folds(toy, tmp_path):
     out = tmp_path / "cfp_run"
-    train.main(smoke_args(toy, out, "--epochs", "1", "--max-steps", "1"))
+    train.main(smoke_args(toy, out, "--epochs", "1"))
     r = cli(evaluate, out, "--benchmark", "cfp", "--data-root", toy)
     assert r.returncode == 2 and "trained on the CFP-layout dataset" in r.stderr and r.stderr.count("\n") == 1
 
@@ -112,7 +113,7 @@ def test_exported_embedder_reproduces_the_runs_embeddings_with_torch_alone(held_
     assert r.returncode == 0, r.stderr
     model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
     ds = data.load_dataset(folders)
-    bank = data.ImageBank(ds, np.arange(10), 32)
+    bank = images.ImageBank(ds, np.arange(10), 32)
     torch.save(bank.images, tmp_path / "faces.pt")
     expected = evaluate.extract(model, bank, np.arange(10))  # the run's own path to its embeddings
     # A fresh interpreter outside the repository, in isolated mode: only torch is importable.
@@ -127,15 +128,16 @@ def test_exported_embedder_reproduces_the_runs_embeddings_with_torch_alone(held_
     assert again.returncode == 2 and "already exists" in again.stderr
 
 
-def test_a_bank_larger_than_its_memory_budget_is_a_mapped_file(toy, tmp_path):
+def test_a_bank_larger_than_its_memory_budget_is_a_mapped_file(toy, tmp_path, monkeypatch):
     cfp = data.load_cfp(toy)
     indices = np.arange(0, len(cfp.paths), 3)
-    in_memory = data.ImageBank(cfp, indices, 32)
+    in_memory = images.ImageBank(cfp, indices, 32)
+    monkeypatch.setattr(images, "memory_budget", lambda: 0)
     with pytest.raises(data.DataError, match="give --cache-dir"):
-        data.ImageBank(cfp, indices, 32, memory_gib=0)
-    mapped = data.ImageBank(cfp, indices, 32, cache_dir=str(tmp_path), memory_gib=0)
+        images.ImageBank(cfp, indices, 32)
+    mapped = images.ImageBank(cfp, indices, 32, cache_dir=str(tmp_path))
     files = os.listdir(tmp_path)
     assert len(files) == 1 and files[0].endswith(".npy")  # decoded chunk by chunk, renamed when whole
     assert torch.equal(mapped[indices], in_memory[indices])
-    again = data.ImageBank(cfp, indices, 32, cache_dir=str(tmp_path), memory_gib=0)  # read, not decoded
+    again = images.ImageBank(cfp, indices, 32, cache_dir=str(tmp_path))  # read, not decoded
     assert torch.equal(again.images, in_memory.images)

@@ -10,11 +10,13 @@ from PIL import Image, ImageDraw
 import align
 import data
 import evaluate
+import faces
 import landmarks
 import train
 from conftest import cli, smoke_args
 from models import POSES, LandmarkNet
 from test_align import face, toy_lm  # noqa: F401 (toy_lm: the toy with hand-made landmark files)
+from test_folders import folders  # noqa: F401 (toy faces as identity folders)
 from utils import UserError
 
 
@@ -76,19 +78,19 @@ def test_poses_of_hand_made_landmark_sets():
     for facing, pose in (("frontal", "frontal"), ("right", "right"), ("left", "left")):
         assert align.pose_of(face(facing), facing != "frontal") == pose
     # the refined look is the square align.py's box alignment takes around the face
-    x0, y0, side = landmarks.face_square(face("right"), "right", margin=1.25)
-    m = landmarks.square_matrix(x0, y0, side, 64)
+    x0, y0, side = faces.face_square(face("right"), "right", margin=1.25)
+    m = faces.square_matrix(x0, y0, side, 64)
     out = align.apply(m, face("right"))
     assert out.min() >= 0 and out.max() <= 64
 
 
 def test_geometry_of_letterbox_and_sampling_theta():
-    m = landmarks.letterbox(200, 100, 64)
+    m = faces.letterbox(200, 100, 64)
     assert np.allclose(align.apply(m, np.array([[0, 0], [200, 100]])), [[0, 16], [64, 48]])
     # sampling a canvas through theta puts canvas pixel (x, y) at view pixel m (x, y)
     canvas = torch.zeros(1, 1, 128, 128)
     canvas[0, 0, 28:32, 98:102] = 1                                 # a dot around (100, 30)
-    m = landmarks.square_matrix(64, 0, 64, 32)                      # the top right quarter, halved
+    m = faces.square_matrix(64, 0, 64, 32)                      # the top right quarter, halved
     theta = landmarks.sampling_theta(torch.as_tensor(m)[None], 128, 32).float()
     grid = torch.nn.functional.affine_grid(theta, [1, 1, 32, 32], align_corners=False)
     view = torch.nn.functional.grid_sample(canvas, grid, align_corners=False)[0, 0]
@@ -131,43 +133,26 @@ def test_predicted_landmarks_where_a_file_is_missing(aligned_run, lm_run, toy, t
     r = cli(evaluate, aligned_run, "--pair", a, b, "--landmark-net", lm_run, "--align", "predicted")
     assert r.returncode == 0, r.stderr
     score = float(r.stdout.split("score ")[1].split()[0])
-    model, ckpt = evaluate.load_model(str(aligned_run), torch.device("cpu"))
     args = evaluate.get_args_parser().parse_args([str(aligned_run), "--align", "predicted"])
-    finder = landmarks.FaceFinder.load(str(lm_run))
-    bank, used = evaluate.fold_bank(args, cfp, np.unique(pairs[:, :2]), ckpt, torch.device("cpu"), finder)
-    res = evaluate.evaluate(model, bank, pairs[:1], None)
-    assert used["source"] == "predicted" and used["sha1"] == finder.source["sha1"]
+    v = evaluate.Verifier(str(aligned_run), str(lm_run), predicted=True, device=torch.device("cpu"))
+    bank, used = evaluate.fold_bank(args, cfp, np.unique(pairs[:, :2]), v)
+    res = evaluate.evaluate(v.model, bank, pairs[:1], None)
+    assert used["source"] == "predicted" and used["sha1"] == v.finder.source["sha1"]
     assert res["scores"][0] == pytest.approx(score, abs=1e-4)
+    assert v.verify(a, b)[1] == pytest.approx(score, abs=1e-6)  # the Python face gives --pair's score
     r = cli(evaluate, aligned_run, "--folds", "9", "--landmark-net", lm_run, "--align", "predicted",
-            "--paste", "0.5", "--json", tmp_path / "e.json")
+            "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
     got = json.loads((tmp_path / "e.json").read_text())["landmarks"]
-    assert got["paste"] == 0.5 and 0 <= got["found_at_its_place"] <= got["found"] <= 1
-
-
-def test_pasted_photos_carry_their_given_landmarks(aligned_run, toy_lm, monkeypatch):
-    """--paste --align given: on a black background, a photo pasted into a picture four times its width
-    aligns as the photo itself does (black is what the warp puts outside a photo), but for the one-pixel
-    seam along the photo's edge, where Pillow's bilinear sampling ends the photo differently."""
-    cfp = data.load_cfp(toy_lm)
-    _, ckpt = evaluate.load_model(str(aligned_run), torch.device("cpu"))
-    aligner, size, rows = evaluate.aligner_of(ckpt), ckpt["args"]["img_size"], np.arange(8)
-    crops = data.ImageBank(cfp, rows, size, aligner=aligner).images
-    monkeypatch.setattr(landmarks, "background_pieces", lambda *a: [Image.new("RGB", (4, 4))])
-    pasted, used = landmarks.align_photos(cfp, rows, None, aligner, size, fraction=0.25)
-    assert used["source"] == "given" and used["found_at_its_place"] == 1.0
-    differs = ((pasted.int() - crops.int()).abs() > 1).any(1, keepdim=True).float()
-    outside = (crops == 0).all(1, keepdim=True).float()  # where the square left the photo: black in both
-    seam = torch.nn.functional.max_pool2d(outside, 3, 1, 1)  # ... and the pixels next to it, which Pillow
-    assert (differs <= seam).all()                            # samples against black or against the mosaic
+    assert 0 <= got["found_at_its_place"] <= got["found"] <= 1
 
 
 def test_a_photo_with_no_face_is_one_line(aligned_run, lm_run, toy_lm, tmp_path, monkeypatch):
     cfp = data.load_cfp(toy_lm)
     blank = tmp_path / "wall.png"
     Image.new("RGB", (90, 90), (128, 128, 128)).save(blank)
-    real = landmarks.FaceFinder.find_all
-    monkeypatch.setattr(landmarks.FaceFinder, "find_all",  # the wall: whatever a tiny network thinks
+    real = faces.FaceFinder.find_all
+    monkeypatch.setattr(faces.FaceFinder, "find_all",  # the wall: whatever a tiny network thinks
                         lambda self, pics, chunk=64: [f[:3] + (f[3] and pic.size != (90, 90),)
                                                       for f, pic in zip(real(self, pics, chunk), pics)])
     r = cli(evaluate, aligned_run, "--pair", blank, cfp.paths[0], "--landmark-net", lm_run, "--align", "predicted")
@@ -181,21 +166,17 @@ def test_a_photo_with_no_face_is_one_line(aligned_run, lm_run, toy_lm, tmp_path,
 def test_landmark_flags_are_checked(aligned_run, lm_run):
     r = cli(evaluate, aligned_run, "--align", "predicted")
     assert r.returncode == 2 and "--align predicted needs --landmark-net" in r.stderr
-    r = cli(evaluate, aligned_run, "--paste", "0.5", "--pair", "a.jpg", "b.jpg")
-    assert r.returncode == 2 and "--paste applies to fold evaluation, not to --pair" in r.stderr
-    r = cli(evaluate, aligned_run, "--paste", "1.5")
-    assert r.returncode == 2 and "--paste must be in (0, 1]" in r.stderr
     r = cli(evaluate, aligned_run, "--landmark-net", aligned_run)
     assert r.returncode == 2 and "not a landmark network written by landmarks.py" in r.stderr
 
 
 def test_training_on_a_dataset_without_landmark_files(lm_run, toy, tmp_path):
     out = tmp_path / "run"
-    args = smoke_args(toy, out, "--loss", "arcface", "--epochs", "1", "--max-steps", "2", "--landmark-net", lm_run)
+    args = smoke_args(toy, out, "--loss", "arcface", "--epochs", "1", "--landmark-net", lm_run)
     train.main(args)
     config = json.loads((out / "config.json").read_text())
     assert args.align == "template" and config["landmarks"]["source"] == "predicted"
-    assert config["landmarks"]["sha1"] == landmarks.FaceFinder.load(str(lm_run)).source["sha1"]
+    assert config["landmarks"]["sha1"] == faces.FaceFinder.load(str(lm_run)).source["sha1"]
     # evaluated on the same dataset, the run finds its faces with the network it was trained with
     r = cli(evaluate, out, "--folds", "9", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
@@ -207,7 +188,7 @@ def test_predict_landmarks_replaces_the_files(lm_run, toy_lm, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UserError, match="--predict-landmarks needs --landmark-net"):
         train.main(smoke_args(toy_lm, out, "--predict-landmarks"))
-    args = smoke_args(toy_lm, out, "--loss", "arcface", "--epochs", "1", "--max-steps", "2", "--landmark-net", lm_run,
+    args = smoke_args(toy_lm, out, "--loss", "arcface", "--epochs", "1", "--landmark-net", lm_run,
                       "--predict-landmarks")
     train.main(args)
     config = json.loads((out / "config.json").read_text())
@@ -237,39 +218,27 @@ def test_the_mirrored_look_agrees_with_a_mirror_consistent_network_and_swaps_lef
     im = Image.new("RGB", (32, 32))
     im.putpixel((6, 20), (255, 255, 255))   # a dot in the left half
     m = [np.eye(3)]
-    plain, flipped = landmarks.FaceFinder(DotNet(), flip=False), landmarks.FaceFinder(DotNet(), flip=True)
+    plain, flipped = faces.FaceFinder(DotNet(), flip=False), faces.FaceFinder(DotNet(), flip=True)
     (p0, q0), (p1, q1) = plain.look([im], m), flipped.look([im], m)
     assert p1[0].argmax() == POSES.index("left") and np.allclose(p0, p1, atol=1e-6)
     assert np.allclose(q0[0], q1[0], atol=1e-4) and np.allclose(q1[0][0], [6.5, 20.5])
     # a network that always says "left": its mirrored look says "right", so the two are averaged
-    p, q = landmarks.FaceFinder(DotNet(constant=True), flip=True).look([im], m)
+    p, q = faces.FaceFinder(DotNet(constant=True), flip=True).look([im], m)
     assert np.isclose(p[0][2], p[0][3]) and np.isclose(p[0].sum(), 1)
     assert np.allclose(q[0], [0.5 * 32, 0.3 * 32])  # x 0.3 averaged with its mirror image 0.7; y kept
 
 
-def test_profile_share_draws_profiles_at_that_share_and_is_checked():
+def test_profiles_are_drawn_at_their_share():
     class D:
         indices = np.arange(700)
         pose = np.array([POSES.index("frontal")] * 500 + [POSES.index("left")] * 100 + [POSES.index("right")] * 100)
     gen = torch.Generator().manual_seed(0)
-    assert sorted(landmarks.epoch_order(D, None, gen).tolist()) == list(range(700))  # each photo once
-    order = torch.cat([landmarks.epoch_order(D, 0.5, gen) for _ in range(20)])
-    assert abs((torch.as_tensor(D.pose)[order] > 1).float().mean().item() - 0.5) < 0.03
-    r = cli(landmarks, "--data-root", "x", "--out", "x", "--profile-share", "1.0")
-    assert r.returncode == 2 and "--profile-share must be in (0, 1)" in r.stderr
-
-
-def test_wing_loss_weighs_small_errors_more_than_l1_and_the_refine_margin_is_checked():
-    e = torch.tensor([0.0, 1.0, 10.0, 20.0, 30.0])  # pixels
-    w = landmarks.wing(e)
-    assert w[0] == 0 and w[1] > 4 * e[1]                                # logarithmic, steep, near zero
-    assert torch.allclose(w[3:] - w[2:4], torch.tensor([10.0, 10.0]))   # linear as L1 beyond w = 10
-    r = cli(landmarks, "--data-root", "x", "--out", "x", "--refine-margin", "0.8")
-    assert r.returncode == 2 and "--refine-margin must be in [1, 3]" in r.stderr
+    order = torch.cat([landmarks.epoch_order(D, gen) for _ in range(20)])
+    assert abs((torch.as_tensor(D.pose)[order] > 1).float().mean().item() - landmarks.PROFILE_SHARE) < 0.03
 
 
 def test_the_heatmap_head_reads_each_landmark_where_its_heatmap_peaks(tmp_path):
-    net = LandmarkNet(64, head="heatmap").eval()
+    net = LandmarkNet(64).eval()
     logits, points = net(torch.zeros(2, 3, 64, 64))
     assert logits.shape == (2, len(POSES)) and points.shape == (2, 30, 2)
 
@@ -281,11 +250,15 @@ def test_the_heatmap_head_reads_each_landmark_where_its_heatmap_peaks(tmp_path):
     net.heat = Peak()
     _, points = net(torch.zeros(1, 3, 64, 64))
     assert torch.allclose(points[0], torch.tensor([10.5, 3.5]) / 16, atol=1e-4)  # (x, y) of the cell's centre
-    # a checkpoint of a heatmap network loads as one
+    # a checkpoint of a heatmap network loads as one; one of the dropped flat head is refused in one line
     path = tmp_path / "best.pt"
-    torch.save({"model": LandmarkNet(32, head="heatmap").state_dict(), "args": {"img_size": 32, "head": "heatmap"},
+    torch.save({"model": LandmarkNet(32).state_dict(), "args": {"img_size": 32, "maxpool": True},
                 "poses": POSES, "epoch": 1}, path)
-    assert landmarks.FaceFinder.load(str(path)).net.kind == "heatmap"
+    assert faces.FaceFinder.load(str(path)).net.img_size == 32
+    torch.save({"model": {"head.weight": torch.zeros(1)}, "args": {"img_size": 32, "head": "flatten"},
+                "poses": POSES, "epoch": 1}, path)
+    with pytest.raises(UserError, match="a variant no longer in the code .*results/STUDIES.md"):
+        faces.FaceFinder.load(str(path))
 
 
 
@@ -306,36 +279,6 @@ def test_refine_jitter_moves_the_refining_views_face_off_the_centre(tmp_path):
     assert r.returncode == 2 and "--refine-jitter must be in [0, 0.3]" in r.stderr
 
 
-def test_landmarks_placed_in_a_pasted_picture_come_back_in_the_photos_own_pixels(tmp_path):
-    """--landmarks-pasted: the training photos pasted into larger pictures, the others as they are; a dot found
-    in the picture maps back onto the photo's dot."""
-    root, points = dot_photos(tmp_path)
-    photos = Photos(root, points)
-    pasting = train.Pasting(photos, np.array([0, 1]), 0.25, seed=0)
-    pictures = [data.open_image(p) for p in photos.paths]
-    finder = landmarks.FaceFinder(DotNet(), looks=1, flip=False)
-    for _ in range(5):
-        out, moved = pasting(pictures, np.arange(3))
-        assert out[2] is pictures[2] and np.array_equal(moved[2], np.eye(3))  # not a training photo
-        assert all(q.size[0] > p.size[0] for p, q in zip(pictures[:2], out[:2]))
-        for p, q, m, (found, *_) in zip(pictures, out, moved, finder.find_all(list(out))):
-            dot = np.argwhere(np.asarray(p).mean(2) > 128).mean(0)[::-1] + 0.5   # (x, y) in the photo
-            back = align.apply(np.linalg.inv(m), found)[0]
-            assert np.abs(back - dot).max() < 0.6 * max(q.size) / 32 + 1, (back, dot)  # a view pixel's error
-    r = cli(train, "--data-root", "x", "--landmarks-pasted", "0.5")
-    assert r.returncode == 2 and "--landmarks-pasted places the training photos' landmarks" in r.stderr
-    r = cli(train, "--data-root", "x", "--predict-landmarks", "--landmark-net", "x", "--landmarks-pasted", "2")
-    assert r.returncode == 2 and "--landmarks-pasted must be in [0, 1], got 2.0" in r.stderr
-
-
-def test_predict_landmarks_with_pasted_training_photos_records_it(lm_run, toy_lm, tmp_path):
-    args = smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--max-steps", "1",
-                      "--landmark-net", lm_run, "--predict-landmarks", "--landmarks-pasted", "0.5")
-    train.main(args)
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["landmarks"]["training_photos_pasted"] == "face 0.5 to 1 of the picture"
-
-
 def test_a_face_is_found_only_where_the_last_look_confirms_the_first():
     class Doubtful(DotNet):  # "a face" at the first look, "no face" at every later one
         calls = 0
@@ -349,19 +292,33 @@ def test_a_face_is_found_only_where_the_last_look_confirms_the_first():
             return logits, points
     im = Image.new("RGB", (64, 64))
     im.putpixel((20, 30), (255, 255, 255))
-    assert landmarks.FaceFinder(DotNet(), flip=False).find([im])[0] is not None
-    assert landmarks.FaceFinder(Doubtful(), flip=False).find([im]) == [None]
-    assert landmarks.FaceFinder(Doubtful(), looks=1, flip=False).find([im])[0] is not None  # one look: both
+    assert faces.FaceFinder(DotNet(), flip=False).find([im])[0] is not None
+    assert faces.FaceFinder(Doubtful(), flip=False).find([im]) == [None]
+    assert faces.FaceFinder(Doubtful(), looks=1, flip=False).find([im])[0] is not None  # one look: both
 
 
-def test_clutter_from_photos_cuts_pieces_outside_the_training_faces(toy_lm, tmp_path):
-    cfp = data.load_cfp(toy_lm)
-    train_images = cfp.images_of([1, 2, 3, 4, 5, 6])
-    pieces = train.clutter_pieces(cfp, train_images, 0, "cpu")
-    assert pieces.dtype == torch.uint8 and pieces.shape[1:] == (3, 32, 32) and len(pieces) >= len(train_images)
-    cfp.landmarks[:] = np.nan  # no face box to stay outside of: nothing to cut
-    with pytest.raises(UserError, match="--clutter-from photos: no training photo"):
-        train.clutter_pieces(cfp, train_images, 0, "cpu")
-    train.main(smoke_args(toy_lm, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--max-steps", "2",
-                          "--augment", "--clutter", "0.5", "--clutter-from", "photos"))
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["args"]["clutter_from"] == "photos"
+# every data layout x where the landmarks come from: (training data, extra flags); "toy_lm" has landmark files
+LAYOUTS = {
+    "cfp, none": ("toy", ["--align", "none"]),
+    "cfp, given": ("toy_lm", []),
+    "cfp, predicted": ("toy_lm", ["--landmark-net", "LM", "--predict-landmarks"]),
+    "held-out folders, none": ("folders", ["--align", "none"]),
+    "held-out folders, predicted": ("folders", ["--landmark-net", "LM"]),
+    "eval-root, none": ("folders", ["--align", "none", "--eval-root", "toy"]),
+    "eval-root, predicted": ("folders", ["--landmark-net", "LM", "--eval-root", "toy_lm"]),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_evaluate_reproduces_the_runs_own_test_figures(case, toy, toy_lm, folders, lm_run, tmp_path):
+    """evaluate.py RUN builds its images as the run's training did: the same test accuracy and AUC, exactly."""
+    roots = {"toy": toy, "toy_lm": toy_lm, "folders": folders, "LM": str(lm_run)}
+    root, extra = LAYOUTS[case]
+    out = tmp_path / "run"
+    m = train.main(smoke_args(roots[root], out, "--loss", "arcface", "--epochs", "1",
+                              *[roots.get(a, a) for a in extra]))
+    r = cli(evaluate, out, "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    test = json.loads((tmp_path / "e.json").read_text())["test"]
+    for kind, got in m["test"].items():
+        assert (test[kind]["acc"], test[kind]["auc"]) == (got["acc"], got["auc"]), (case, kind)

@@ -7,6 +7,7 @@ import torch.nn as nn
 import torchvision
 
 import models
+from conftest import model_args
 from utils import UserError
 
 FEATURE_DIMS = {"vgg16": 25088, "vgg16_bn": 25088, "resnet18": 512, "resnet50": 2048, "resnet101": 2048,
@@ -60,16 +61,16 @@ def test_vgg_trunk_is_the_convolutional_part():
 
 
 def test_freeze_half():
-    net = models.build_model({"backbone": "vgg16", "arch": 2, "loss": "cosine", "freeze": 0.5})
+    net = models.build_model(model_args(backbone="vgg16", arch=2, loss="cosine", freeze=0.5))
     convs = [m for m in net.backbone.modules() if isinstance(m, nn.Conv2d)]
     assert (len(net.frozen), net.num_layers) == (6, 13)
     assert all(not p.requires_grad for m in convs[:6] for p in m.parameters())
     assert all(p.requires_grad for m in convs[6:] for p in m.parameters())
-    assert all(p.requires_grad for p in net.neck.parameters())
+    assert net.neck[0].weight.requires_grad and not net.neck[1].weight.requires_grad  # BatchNorm's scale stays 1
 
 
 def test_frozen_batchnorm_stays_in_eval_mode():
-    net = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "cosine", "freeze": 0.5})
+    net = models.build_model(model_args(backbone="resnet18", arch=2, loss="cosine", freeze=0.5))
     bns = [m for m in net.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
     frozen = [m for m in bns if m in net.frozen]
     assert 0 < len(frozen) < len(bns)
@@ -143,39 +144,20 @@ def test_freeze_counts(name, fraction, frozen, total):
 
 
 def test_embedding_batchnorm_scale_fixed():
-    fixed = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "fix_bn_scale": True})
-    free = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "fix_bn_scale": False})
+    fixed = models.build_model(model_args())
     assert not fixed.neck[1].weight.requires_grad and fixed.neck[1].bias.requires_grad
-    assert free.neck[1].weight.requires_grad
     fixed.train()
     fixed(torch.randn(4, 3, 32, 32)).pow(2).sum().backward()
     assert fixed.neck[1].weight.grad is None and torch.equal(fixed.neck[1].weight, torch.ones(512))
 
 
-@pytest.mark.parametrize("size, cells", [(64, 4), (96, 9), (112, 16)])
-def test_flatten_pool_keeps_the_feature_map_layout(size, cells):
-    net = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "pool": "flatten",
-                              "img_size": size})
-    assert net.neck[0].in_features == 512 * cells                          # 2x2, 3x3, 4x4 maps
-    x = torch.randn(2, 3, size, size)
-    net.eval()
-    emb = net(x)
-    assert emb.shape == (2, 512)
-    # The flattened map is the average pool's input: its mean over the cells is the pooled feature.
-    avg = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "img_size": size}).eval()
-    avg.backbone.load_state_dict(net.backbone.state_dict())
-    feat = net.backbone(x)
-    assert feat.shape == (2, 512 * cells)
-    assert torch.allclose(feat.view(2, 512, cells).mean(2), avg.backbone(x), atol=1e-5)
-
-
 def test_dropout_acts_on_the_feature_in_training_only():
-    net = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface", "dropout": 0.5})
+    net = models.build_model(model_args(backbone="resnet18", arch=2, loss="arcface", dropout=0.5))
     x = torch.randn(4, 3, 64, 64)
     assert isinstance(net.drop, torch.nn.Dropout) and net.drop.p == 0.5
     net.eval()
     assert torch.equal(net(x), net(x))
-    plain = models.build_model({"backbone": "resnet18", "arch": 2, "loss": "arcface"})
+    plain = models.build_model(model_args(backbone="resnet18", arch=2, loss="arcface"))
     assert net.state_dict().keys() == plain.state_dict().keys()           # old checkpoints still load
     net.train()
     torch.manual_seed(0)

@@ -19,6 +19,8 @@ from PIL import Image
 
 import data
 import evaluate
+import images
+import report
 import train
 import utils
 from conftest import ROOT, cli, smoke_args
@@ -32,14 +34,14 @@ def one_line(message):
 @pytest.fixture(scope="module")
 def fold3_run(toy, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "fold03"
-    train.main(smoke_args(toy, out, "--protocol", "10fold", "--test-fold", "3", "--epochs", "1", "--max-steps", "3"))
+    train.main(smoke_args(toy, out, "--protocol", "10fold", "--test-fold", "3", "--epochs", "1"))
     return out
 
 
 def smoke_argv(toy, out):
     """smoke_args as a command line, for cli()."""
     return ["--data-root", toy, "--out", out, "--backbone", "resnet18", "--no-pretrained", "--img-size", "32",
-            "--batch-size", "8", "--epochs", "1", "--device", "cpu"]
+            "--batch-size", "8", "--epochs", "1"]
 
 
 def copy_run(run, dst):
@@ -50,7 +52,7 @@ def copy_run(run, dst):
 def test_two_runs_on_one_folder(toy, tmp_path):
     out = tmp_path / "shared"
     cmd = [sys.executable, "train.py", "--data-root", toy, "--backbone", "resnet18", "--no-pretrained",
-           "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--device", "cpu", "--out", str(out)]
+           "--img-size", "32", "--batch-size", "8", "--epochs", "2", "--out", str(out)]
     first = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / ".lock").exists():
@@ -71,8 +73,7 @@ def test_orphaned_temp_files_are_removed(fold3_run, toy, tmp_path):
     out = copy_run(fold3_run, tmp_path / "run")
     for name in ("last.pt.tmp4242", "best.pt.tmp77", "metrics.json.tmp9"):  # what a SIGKILL mid-write leaves
         (out / name).write_bytes(b"\0" * 1000)
-    train.main(smoke_args(toy, out, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2", "--max-steps",
-                          "6", "--resume"))
+    train.main(smoke_args(toy, out, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2", "--resume"))
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
@@ -104,9 +105,8 @@ def test_unwritable_out_and_cache(toy, tmp_path, capsys):
     a_file.write_text("x")
     with pytest.raises(UserError, match="is a file, not a folder"):
         train.main(smoke_args(toy, a_file))
-    m = train.main(smoke_args(toy, tmp_path / "ok", "--cache-dir", str(a_file / "cache"), "--epochs", "1",
-                              "--max-steps", "1"))
-    assert "warning: --cache-dir" in capsys.readouterr().out and m["steps"] == 1
+    m = train.main(smoke_args(toy, tmp_path / "ok", "--cache-dir", str(a_file / "cache"), "--epochs", "1"))
+    assert "warning: --cache-dir" in capsys.readouterr().out and m["epochs_run"] == 1
     with pytest.raises(UserError, match="--json .*does not exist"):
         evaluate.main(evaluate.get_args_parser().parse_args([str(tmp_path / "ok"), "--json", "/nonexistent/x.json"]))
 
@@ -127,7 +127,7 @@ def damage(run, how):
     elif how == "args disagree with the weights":
         for f in (last, best):
             ckpt = torch.load(f, weights_only=True)
-            ckpt["args"]["embed_dim"] = 64
+            ckpt["args"]["backbone"] = "resnet50"
             torch.save(ckpt, f)
 
 
@@ -141,13 +141,13 @@ def test_damaged_checkpoints_are_one_line(fold3_run, toy, tmp_path, how, message
     damage(run, how)
     args = smoke_args(toy, run, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2", "--resume")
     if how == "args disagree with the weights":
-        args.embed_dim = 64  # as the edited checkpoint says, so that only the weights disagree
+        args.backbone = "resnet50"  # as the edited checkpoint says, so that only the weights disagree
     with pytest.raises(UserError, match=message) as e:
         train.main(args)
     assert one_line(e.value) and "last.pt" in str(e.value) and "malicious" not in str(e.value)
     if how != "best.pt over last.pt":  # best.pt itself is fine there
         with pytest.raises(UserError) as e:
-            evaluate.main(evaluate.get_args_parser().parse_args([str(run), "--device", "cpu"]))
+            evaluate.main(evaluate.get_args_parser().parse_args([str(run)]))
         assert one_line(e.value) and "best.pt" in str(e.value) and "refusing" not in str(e.value)
 
 
@@ -163,7 +163,7 @@ def test_hostile_and_odd_inputs(toy, tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_declaring(20000, 20000))
     with pytest.raises(data.DataError, match="bomb.png") as e:
-        data.decode_image(str(bomb), 32)
+        images.decode_image(str(bomb), 32)
     assert one_line(e.value) and len(str(e.value)) < 300
     root = tmp_path / "copy"
     shutil.copytree(toy, root)
@@ -182,7 +182,7 @@ def test_hostile_and_odd_inputs(toy, tmp_path):
     same.write_bytes(original)
     cfp = data.load_cfp(str(root))
     with pytest.raises(data.DataError, match=r"--img-size 100000: .* GiB") as e:
-        data.ImageBank(cfp, np.arange(10), 100000)
+        images.ImageBank(cfp, np.arange(10), 100000)
     assert one_line(e.value)
 
 
@@ -252,7 +252,7 @@ def test_photos_are_seen_upright(tmp_path):
     exif[0x0112] = 6  # the camera was turned: a viewer rotates the image 90 degrees clockwise
     path = tmp_path / "rotated.jpg"
     Image.fromarray(a).save(path, exif=exif, quality=95)
-    x = data.decode_image(str(path), 64, "squash")
+    x = images.decode_image(str(path), 64, "squash")
     assert x[0, 5, 32] > 200 and x[2, 60, 32] > 200  # upright: red on top, blue below
 
 
@@ -265,10 +265,10 @@ def test_a_resumed_run_is_not_shown_as_finished(fold3_run, toy, tmp_path, monkey
         seen.append((run / "metrics.json").exists())
         return one_epoch(*args, **kwargs)
     monkeypatch.setattr(train, "train_one_epoch", spy)
-    train.main(smoke_args(toy, run, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2", "--max-steps", "6",
+    train.main(smoke_args(toy, run, "--protocol", "10fold", "--test-fold", "3", "--epochs", "2",
                           "--resume"))
     assert seen == [False] and (run / "metrics.json").exists()  # gone while training, back when it finished
-    table, _ = evaluate.summarize(str(tmp_path))
+    table, _ = report.summarize(str(tmp_path))
     assert "running or stopped" not in table
 
 
@@ -283,7 +283,6 @@ BAD_NUMBERS = {
     "--scale 0": (["--loss", "arcface", "--scale", "0"], "--scale must be positive"),
     "--margin 2 arcface": (["--loss", "arcface", "--margin", "2"], r"--margin must be in \[0, 1\] for --loss arcface"),
     "--margin nan": (["--loss", "cosface", "--margin", "nan"], "--margin must be a finite number"),
-    "--embed-dim huge": (["--embed-dim", "1000000"], "--embed-dim must be at most"),
     "--arch 1 --batch-size 1": (["--arch", "1", "--batch-size", "1"], "needs --batch-size of at least 2"),
     "--scale with cosine": (["--loss", "cosine", "--scale", "16"], "--scale does not apply to --loss cosine"),
     "--margin with ce": (["--arch", "1", "--loss", "ce", "--margin", "0.2"], "--margin does not apply to --loss ce"),
@@ -299,16 +298,18 @@ def test_numeric_flags_are_range_checked_before_work(toy, tmp_path, case):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_run_made_before_dropout_existed_resumes_with_its_old_value(toy, tmp_path):
+def test_a_run_of_earlier_code_is_refused_in_one_line_naming_the_commit(toy, tmp_path):
     out = tmp_path / "run"
     train.main(smoke_args(toy, out, "--loss", "arcface", "--dropout", "0", "--epochs", "1"))
     for name in ("last.pt", "best.pt"):  # as written before the flag existed: no "dropout" in its args
         ckpt = torch.load(out / name, weights_only=False)
         del ckpt["args"]["dropout"]
         torch.save(ckpt, out / name)
-    m = train.main(smoke_args(toy, out, "--loss", "arcface", "--epochs", "2", "--resume"))
-    assert m["epochs_run"] == 2
-    assert json.loads((out / "config.json").read_text())["args"]["dropout"] == 0
+    with pytest.raises(UserError, match="earlier version .*lacks dropout.*results/STUDIES.md") as e:
+        train.main(smoke_args(toy, out, "--loss", "arcface", "--epochs", "2", "--resume"))
+    assert one_line(e.value)
+    r = cli(evaluate, out)
+    assert r.returncode == 2 and "lacks dropout" in r.stderr and r.stderr.count("\n") == 1
 
 
 def test_ctrl_c_inside_a_checkpoint_save_is_an_interrupt_and_keeps_the_old_file(tmp_path, monkeypatch):
@@ -355,7 +356,7 @@ def test_out_is_a_path_never_a_glob_pattern(toy, tmp_path):
     other = tmp_path / "runs" / "other"
     other.mkdir(parents=True)
     (other / "best.pt.tmp123").write_text("another run's temp file")
-    train.main(smoke_args(toy, tmp_path / "runs" / "*", "--epochs", "1", "--max-steps", "1"))
+    train.main(smoke_args(toy, tmp_path / "runs" / "*", "--epochs", "1"))
     assert (other / "best.pt.tmp123").exists()
 
 
@@ -405,26 +406,26 @@ def test_caches_are_optional(toy, tmp_path, monkeypatch, capsys):
     cfp = data.load_cfp(toy)
     paths = cfp.paths[:6]
     cache = tmp_path / "cache"
-    first = data.load_images(paths, 32, cache_dir=str(cache))
+    first = images.load_images(paths, 32, cache_dir=str(cache))
     (name,) = os.listdir(cache)
     full = (cache / name).read_bytes()
     (cache / name).write_bytes(full[:len(full) // 2])  # truncated
     (cache / f"{name}.tmp4242").write_bytes(b"half a write")  # left by a killed run
-    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
     assert "cannot be read" in capsys.readouterr().err and sorted(os.listdir(cache)) == [name]
     torch.save(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), cache / name)  # wrong shape
-    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
     assert "holds something else" in capsys.readouterr().err
 
     def full_disk(obj, path):
         raise utils.DiskFull(f"no space left on device while writing {path}")
-    monkeypatch.setattr(data, "atomic_save", full_disk)
+    monkeypatch.setattr(images, "atomic_save", full_disk)
     (cache / name).unlink()
-    assert torch.equal(data.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
     assert "could not be written" in capsys.readouterr().err
     missing = [paths[1], str(tmp_path / "gone.jpg")]
     with pytest.raises(data.DataError, match="missing image .*gone.jpg"):
-        data.load_images(missing, 32, cache_dir=str(cache))
+        images.load_images(missing, 32, cache_dir=str(cache))
 
 
 def test_summaries_group_by_folder_and_survive_any_content(fold3_run, tmp_path):
@@ -438,7 +439,7 @@ def test_summaries_group_by_folder_and_survive_any_content(fold3_run, tmp_path):
         shutil.copytree(fold3_run, root / "junk" / name, ignore=shutil.ignore_patterns("*.pt"))
         (root / "junk" / name / "metrics.json").write_text(content if isinstance(content, str) else json.dumps(content))
     (root / "junk" / "loop").symlink_to(root)  # a link back up: not followed
-    table, raw = evaluate.summarize(str(root))
+    table, raw = report.summarize(str(root))
     assert {r["configuration"] for r in raw} == {"A/x", "B/x", "A/copy/x"}
     for name in junk:
         assert f"junk/{name} | unreadable" in table
@@ -453,7 +454,7 @@ def test_non_finite_scores_are_refused(fold3_run, toy, tmp_path):
         model.neck[0].weight.fill_(float("nan"))
     cfp = data.load_cfp(toy)
     pairs, _ = cfp.pairs([3])
-    bank = data.ImageBank(cfp, pairs[:, :2].ravel(), 32)
+    bank = images.ImageBank(cfp, pairs[:, :2].ravel(), 32)
     with pytest.raises(UserError, match="pair scores are not finite"):
         evaluate.evaluate(model, bank, pairs)
 
@@ -461,16 +462,16 @@ def test_non_finite_scores_are_refused(fold3_run, toy, tmp_path):
 def test_images_are_decoded_as_a_viewer_shows_them_or_refused(tmp_path):
     grey16 = (np.arange(32 * 32).reshape(32, 32) * 60).astype(np.uint16)  # 0 .. 61380 of 65535
     Image.fromarray(grey16).save(tmp_path / "grey16.png")
-    x = data.decode_image(str(tmp_path / "grey16.png"), 32, "squash")
+    x = images.decode_image(str(tmp_path / "grey16.png"), 32, "squash")
     assert 0 < x.float().mean() < 250 and x.max() > 200  # scaled to 8 bits, not clipped to a white square
     rgba = Image.new("RGBA", (32, 32), (200, 0, 0, 0))
     rgba.paste((0, 0, 255, 255), (8, 8, 24, 24))
     rgba.save(tmp_path / "alpha.png")
-    x = data.decode_image(str(tmp_path / "alpha.png"), 32, "squash")
+    x = images.decode_image(str(tmp_path / "alpha.png"), 32, "squash")
     assert x[:, 0, 0].tolist() == [255, 255, 255] and x[:, 16, 16].tolist() == [0, 0, 255]  # on white
     Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     with pytest.raises(data.DataError, match="clear.png: it is fully transparent"):
-        data.decode_image(str(tmp_path / "clear.png"), 32)
+        images.decode_image(str(tmp_path / "clear.png"), 32)
 
 
 def test_check_reports_every_bad_image_empty_folds_and_contradicting_pairs(toy, tmp_path):
@@ -527,7 +528,7 @@ def test_interrupts_while_decoding_and_during_the_final_test_say_what_happened(t
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(data, "load_images", interrupt)
+        m.setattr(images, "load_images", interrupt)
         with pytest.raises(train.Interrupted, match="while reading the data"):
             train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1"))
     assert not (tmp_path / "run").exists()
@@ -544,20 +545,20 @@ def test_an_image_that_is_not_a_regular_file_is_refused_before_it_is_opened(tmp_
     fifo = tmp_path / "face.jpg"
     os.mkfifo(fifo)  # open() on it would wait for a writer forever
     with pytest.raises(data.DataError, match="face.jpg is not a regular file"):
-        data.decode_image(str(fifo), 32)
+        images.decode_image(str(fifo), 32)
 
 
 def test_a_damaged_exif_is_that_images_error(fold3_run, toy, tmp_path, monkeypatch):
     bad = os.path.join(toy, "Data/Images/003/frontal/01.jpg")
-    real = data.ImageOps.exif_transpose
+    real = images.ImageOps.exif_transpose
 
     def exif(im):
         if getattr(im, "filename", "") == bad:
             raise struct.error("unpack requires a buffer of 4 bytes")  # as Pillow raises on a truncated tag
         return real(im)
-    monkeypatch.setattr(data.ImageOps, "exif_transpose", exif)
+    monkeypatch.setattr(images.ImageOps, "exif_transpose", exif)
     with pytest.raises(data.DataError, match="cannot read the EXIF data of image .*003/frontal/01.jpg"):
-        data.decode_image(bad, 32)
+        images.decode_image(bad, 32)
     good = os.path.join(toy, "Data/Images/004/frontal/01.jpg")
     (tmp_path / "list.txt").write_text(f"{bad} {good}\n{good} {good}\n")
     r = cli(evaluate, fold3_run, "--pairs", tmp_path / "list.txt")
@@ -568,7 +569,7 @@ def test_a_damaged_exif_is_that_images_error(fold3_run, toy, tmp_path, monkeypat
 def test_a_full_disk_while_logging_gets_the_advice_a_full_save_gets(toy, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train.main(smoke_args(toy, out, "--epochs", "1"))
-    real = train.open_nofollow
+    real = utils.open_nofollow
     written = []
 
     def nospace(path, mode="ab"):
@@ -577,7 +578,47 @@ def test_a_full_disk_while_logging_gets_the_advice_a_full_save_gets(toy, tmp_pat
             if len(written) > 3:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, mode)
-    monkeypatch.setattr(train, "open_nofollow", nospace)
+    monkeypatch.setattr(utils, "open_nofollow", nospace)
     with pytest.raises(utils.DiskFull, match=r"while writing .*log.txt; free some space, then epoch 1 is saved; "
                                              r"continue with: python train.py .*--resume"):
         train.main(smoke_args(toy, out, "--epochs", "3", "--resume"))
+
+
+# ---------------------------------------------------------------------------
+# Fourth round
+
+
+def test_a_pair_list_that_cannot_be_read_is_one_line_before_any_output(fold3_run, toy, tmp_path):
+    for bad in (tmp_path / "missing.txt", tmp_path):
+        r = cli(evaluate, fold3_run, "--pairs", bad)
+        assert r.returncode == 2 and r.stdout == "" and one_line(r.stderr), r.stdout
+    a, b = (os.path.join(toy, f"Data/Images/00{i}/frontal/01.jpg") for i in (3, 4))
+    for source in ("-", "/dev/stdin"):  # standard input, a pipe
+        r = subprocess.run([sys.executable, "evaluate.py", str(fold3_run), "--pairs", source], cwd=ROOT,
+                           input=f"{a} {b}\n{b} {b}\n", capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert len(r.stdout.strip().splitlines()) == 3, r.stdout
+
+
+def test_the_threshold_follows_the_photos_poses_unless_a_kind_is_given(fold3_run, toy):
+    frontal, other, profile = (os.path.join(toy, f"Data/Images/{p}.jpg") for p in
+                               ("003/frontal/01", "003/frontal/02", "003/profile/01"))
+    thresholds = torch.load(fold3_run / "best.pt", weights_only=True)["thresholds"]
+    for pair, kind in (((frontal, other), "FF"), ((frontal, profile), "FP"), ((profile, frontal), "FP")):
+        r = cli(evaluate, fold3_run, "--pair", *pair)
+        assert r.returncode == 0, r.stderr
+        assert f"threshold {thresholds[kind]:.6f} ({kind} pairs: " in r.stdout, r.stdout
+        assert ("profile" in r.stdout) == (kind == "FP"), r.stdout  # it says why: each photo's pose
+    r = cli(evaluate, fold3_run, "--pair", frontal, profile, "--kind", "FF")
+    assert f"threshold {thresholds['FF']:.6f} (FF pairs)" in r.stdout
+    v = evaluate.Verifier(str(fold3_run), device=torch.device("cpu"))
+    assert v.verify(frontal, profile)[2:] == (thresholds["FP"], "FP")
+    assert v.verify(frontal, other, kind="all")[2:] == (thresholds["all"], "all")
+
+
+def test_an_exported_runs_preprocessing_is_strict_json(fold3_run, tmp_path, monkeypatch):
+    import export
+    ckpt = torch.load(fold3_run / "best.pt", weights_only=True)
+    ckpt["thresholds"]["FP"] = float("nan")  # a held-out folder run has no FF or FP pairs
+    prep = json.loads(json.dumps(export.preprocessing(ckpt), allow_nan=False))
+    assert prep["thresholds"]["FP"] is None and prep["thresholds"]["FF"] == ckpt["thresholds"]["FF"]

@@ -1,0 +1,208 @@
+"""Faces in any photo: the landmark network's finder, and the landmarks a run's photos get from it.
+
+A run trained on CFP aligns every face by its landmarks (align.py). A user's photo has no landmark file, and
+its face may be a small part of a larger picture. The landmark network (models.LandmarkNet, trained by
+landmarks.py) looks three times, as MTCNN's cascade does: once at the whole picture, then twice at a square
+around the landmarks it found. Each look also sees its view mirrored, which turns a profile facing left into
+one facing right: the two answers are averaged (pose, and a profile's landmarks mirrored back).
+"""
+import dataclasses
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+
+import align
+from images import normalise, open_image, warp
+from models import POSES, LandmarkNet
+from utils import UserError, load_checkpoint, load_weights
+
+REFINE_MARGIN = 1.3        # the square the second and third looks take around the face box (results/landmarks:
+                           # margin13 against e20's 1.6)
+MIRRORED = [0, 1, 3, 2]    # POSES of a mirrored view: left and right swap
+FOUND = 0.5                # a face is found where P(no face) is below this at the first look and at the last
+PLACE_BATCH = 64           # photos a look takes at once when a run's landmarks are placed
+
+
+# ---------------------------------------------------------------------------
+# Geometry: 3x3 matrices from a picture's pixels to a square view's pixels
+
+
+def letterbox(w, h, size):
+    """The whole w x h picture into the size x size square, aspect kept, centred."""
+    s = size / max(w, h)
+    return np.array([[s, 0, (size - s * w) / 2], [0, s, (size - s * h) / 2], [0, 0, 1.0]])
+
+
+def square_matrix(x0, y0, side, size):
+    """The square (x0, y0, side) of a picture onto the size x size view."""
+    s = size / side
+    return np.array([[s, 0, -x0 * s], [0, s, -y0 * s], [0, 0, 1.0]])
+
+
+def face_square(points, pose, margin=REFINE_MARGIN):
+    """The square (x0, y0, side) around a face's landmarks, as align.py's box alignment takes it."""
+    return align.square_of(align.face_box(points, pose), margin)
+
+
+def iou(a, b):
+    """Intersection over union of boxes (x0, y0, x1, y1)."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Finding a face and its landmarks in any picture
+
+
+class FaceFinder:
+    """The landmark network applied to whole pictures: a look at the picture letterboxed, then two looks at
+    the square around the landmarks found. find(pictures) -> one (points (30, 2) in picture pixels,
+    profile, pose) per picture, or None where no face is found (the first look or the last says "no face").
+    flip: each look averaged with the look at its mirror image (a frontal face's landmarks are the plain
+    look's: CFP marks the picture's left half)."""
+
+    def __init__(self, net, looks=3, device="cpu", flip=True):
+        self.net, self.looks, self.device, self.flip = net.eval(), looks, device, flip
+        self.size = net.img_size
+
+    @classmethod
+    def load(cls, path, device="cpu"):
+        path = os.path.join(path, "best.pt") if os.path.isdir(path) else path
+        ckpt = load_checkpoint(path, kind="landmarks")
+        a = ckpt["args"]
+        dropped = {k: a[k] for k in ("head", "refine_margin") if k in a and a[k] not in ("heatmap", REFINE_MARGIN)}
+        if dropped or "lateral.0.weight" not in ckpt["model"]:  # the flat head, or another refining square
+            what = dropped or "the flat head"
+            raise UserError(f"{path} is a landmark network of a variant no longer in the code ({what}): use the "
+                            f"commit named in results/STUDIES.md")
+        net = LandmarkNet(a["img_size"], maxpool=a["maxpool"])
+        load_weights(net, ckpt["model"], path)
+        finder = cls(net.to(device), device=device)
+        with open(path, "rb") as f:
+            finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
+        return finder
+
+    @torch.no_grad()
+    def look(self, pictures, matrices):
+        x = torch.stack([torch.from_numpy(np.asarray(warp(im, m, self.size)).copy()).permute(2, 0, 1)
+                         for im, m in zip(pictures, matrices)])
+        x = normalise(x.to(self.device).float() / 255)
+        logits, points = self.net(torch.cat([x, x.flip(-1)]) if self.flip else x)
+        probs, points = logits.float().softmax(1).cpu().numpy(), points.float().cpu().numpy()
+        if self.flip:  # the mirrored view: a profile facing left faces right there, and its points mirror back
+            n = len(x)
+            probs = (probs[:n] + probs[n:][:, MIRRORED]) / 2
+            back = points[n:] * [-1, 1] + [1, 0]
+            profile = probs[:, 2:].sum(1) > probs[:, 1]
+            points = np.where(profile[:, None, None], (points[:n] + back) / 2, points[:n])
+        points = points * self.size
+        return probs, [align.apply(np.linalg.inv(m), p) for m, p in zip(matrices, points)]
+
+    def refined(self, matrix, points, pose):
+        """The next look: the square around the landmarks found, unless they are no face's (the last look kept)."""
+        x0, y0, side = face_square(points, pose)
+        if not (np.isfinite([x0, y0, side]).all() and side * matrix[0, 0] > 4):  # at least 4 view pixels
+            return matrix
+        return square_matrix(x0, y0, side, self.size)
+
+    def find(self, pictures, chunk=64):
+        """-> per picture (points, profile, pose) or None where no face is found."""
+        return [f[:3] if f[3] else None for f in self.find_all(pictures, chunk)]
+
+    def find_all(self, pictures, chunk=64):
+        """-> per picture (points, profile, pose, found): the landmarks are the best guess even where no
+        face was found."""
+        out = []
+        for i in range(0, len(pictures), chunk):
+            out += self._find(pictures[i:i + chunk])
+        return out
+
+    def _find(self, pictures):
+        matrices = [letterbox(*im.size, self.size) for im in pictures]
+        probs, points = self.look(pictures, matrices)
+        found = probs[:, 0] < FOUND
+        for _ in range(self.looks - 1):
+            poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
+            matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
+            probs, points = self.look(pictures, matrices)
+        found &= probs[:, 0] < FOUND  # the close look confirms it: half the false faces go (results/landmarks)
+        poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
+        return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
+
+
+# ---------------------------------------------------------------------------
+# A run's photos: their landmarks placed once, or each found as --pair finds it
+
+
+def prepare(cfp, a, log, needed=None):
+    """Where a run's faces get their landmarks: the dataset's files or, for images without them (every image
+    with --predict-landmarks), the run's landmark network, a: the run's arguments. needed: only these images'
+    are wanted (an evaluation), placed in the same batches as in training, so that they come out the same.
+    -> (the dataset with those landmarks, the record for config.json)."""
+    todo = np.arange(len(cfp.paths)) if cfp.landmarks is None or a["predict_landmarks"] else \
+        np.flatnonzero(np.isnan(cfp.landmarks).any((1, 2)))
+    if not len(todo) or not a["landmark_net"] or a["align"] == "none":
+        return cfp, {"source": "none" if cfp.landmarks is None else "given" if not len(todo) else "given for some"}
+    finder, t, n = FaceFinder.load(a["landmark_net"]), time.time(), len(todo)
+    if needed is not None:  # the batches of `todo` that hold a needed image, whole
+        batches = np.unique(np.flatnonzero(np.isin(todo, needed)) // PLACE_BATCH)
+        todo = np.concatenate([todo[b * PLACE_BATCH:(b + 1) * PLACE_BATCH] for b in batches] or [todo[:0]])
+    cfp, missed = place(cfp, todo, finder, log)
+    log(f"landmarks: predicted for {len(todo)} images by {a['landmark_net']} in {time.time() - t:.0f}s; "
+        f"no face found in {len(missed)} (their best guess kept){': ' + ', '.join(missed[:3]) if missed else ''}")
+    return cfp, {"source": "predicted" if n == len(cfp.paths) else f"predicted for {n} images",
+                 **finder.source, "no_face_found": len(missed)}
+
+
+def place(cfp, todo, finder, log, chunk=4 * PLACE_BATCH):
+    """The landmark network run once over the images `todo`, a chunk of photos in memory at a time, with
+    progress. -> (a copy of cfp with those images' landmarks and, for identity folders, whose pose CFP's
+    folders do not tell, their poses; the paths where no face was found, their best guess kept)."""
+    landmarks = np.full((len(cfp.paths), align.NUM_POINTS, 2), np.nan) if cfp.landmarks is None else \
+        cfp.landmarks.copy()
+    profile, missed, t = cfp.profile.copy(), [], time.time()
+    for start in range(0, len(todo), chunk):
+        rows = todo[start:start + chunk]
+        pictures = [open_image(cfp.paths[i]) for i in rows]
+        for i, (points, is_profile, _, ok) in zip(rows, finder.find_all(pictures, PLACE_BATCH)):
+            landmarks[i] = points
+            if cfp.layout == "folders":
+                profile[i] = is_profile
+            if not ok:
+                missed.append(cfp.paths[i])
+        done, seconds = start + len(rows), time.time() - t
+        log(f"landmarks: {done}/{len(todo)} images placed, {seconds:.0f}s, "
+            f"eta {seconds / done * (len(todo) - done):.0f}s")
+    return dataclasses.replace(cfp, landmarks=landmarks, profile=profile), missed
+
+
+def align_photos(cfp, indices, finder, aligner, size, chunk=64):
+    """CFP photos aligned as a user's photo is, by the landmark network's landmarks (finder None: by the given
+    ones). -> (uint8 (N, 3, size, size), what was found: the share of photos whose face was found where the
+    given landmarks put it (face boxes' IoU >= 0.5))"""
+    given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
+    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
+    out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
+    found, located = [], []
+    for k in range(0, len(indices), chunk):
+        rows = indices[k:k + chunk]
+        pictures = [open_image(cfp.paths[i]) for i in rows]
+        # one photo a look, as --pair looks at a photo: kernels that differ with the batch size would move the
+        # landmarks by hundredths of a pixel, enough to move a score in its third decimal
+        faces = finder.find_all(pictures, chunk=1) if finder is not None else \
+            [(cfp.landmarks[i], bool(cfp.profile[i]), pose, True) for i, pose in zip(rows, true_pose[k:k + chunk])]
+        for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, faces)):
+            out[k + j] = torch.from_numpy(np.asarray(warp(im, aligner.matrix(points, profile, size), size)).copy()
+                                          ).permute(2, 0, 1)
+            found.append(ok)
+            if given:
+                box = align.face_box(cfp.landmarks[rows[j]], true_pose[k + j])
+                located.append(ok and iou(align.face_box(points, pose), box) >= 0.5)
+    source = {"source": "predicted", **finder.source} if finder is not None else {"source": "given"}
+    return out, {**source, "found": float(np.mean(found)),
+                 "found_at_its_place": float(np.mean(located)) if given else None}

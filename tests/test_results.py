@@ -1,0 +1,66 @@
+"""Every run in results/ can be made again: its command parses with today's parser, or it is a run of a dropped
+variant that results/STUDIES.md lists with the commit that has it."""
+import contextlib
+import glob
+import io
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+import landmarks
+import train
+from conftest import ROOT
+
+PARSERS = {"train.py": train.get_args_parser, "landmarks.py": landmarks.get_args_parser}
+
+
+def runs():
+    return sorted(os.path.dirname(f) for f in glob.glob(os.path.join(ROOT, "results", "**", "config.json"),
+                                                       recursive=True))
+
+
+def parses(command):
+    argv = shlex.split(command)
+    parser = PARSERS[os.path.basename(argv[1])]()
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            parser.parse_args(argv[2:])
+        except SystemExit:
+            return False
+    return True
+
+
+def test_every_run_parses_or_is_listed_in_studies():
+    studies = open(os.path.join(ROOT, "results", "STUDIES.md")).read()
+    commit = re.search(r"\*\*`([0-9a-f]{7,40})`\*\*", studies)
+    assert commit, "results/STUDIES.md names the last commit that has the dropped variants"
+    unlisted = []
+    for run in runs():
+        command = json.load(open(os.path.join(run, "config.json")))["command"]
+        name = os.path.relpath(run, os.path.join(ROOT, "results"))
+        folder, base = os.path.split(name)
+        listed = name in studies or (f"`{folder}/" in studies and f"`{base}`" in studies)
+        if not parses(command) and not listed:
+            unlisted.append(name)
+    assert len(runs()) > 50 and unlisted == []
+
+
+@pytest.mark.parametrize("flag", ["--jitter", "--pool flatten", "--head flatten", "--profile-share 0.5"])
+def test_a_dropped_flag_does_not_parse(flag):
+    script = "landmarks.py" if flag.startswith(("--head", "--profile")) else "train.py"
+    assert not parses(f"python {script} {flag}") and parses(f"python {script}")
+
+
+def test_a_ten_fold_row_says_whether_its_folds_share_one_commit_and_one_precision():
+    import report
+    one = {"commits": ["a" * 40], "precisions": ["bfloat16"]}
+    assert report.made_by(one) == "aaaaaaa; bfloat16"
+    assert report.made_by({**one, "commits": ["a" * 40 + "-dirty"]}).startswith("MIXED: 1 commits, uncommitted")
+    assert report.made_by({"commits": ["a", "b"], "precisions": ["bfloat16", "float32"]}) == \
+        "MIXED: 2 commits; bfloat16 and float32 MIXED"
+    table, _ = report.summarize(os.path.join(ROOT, "results", "cfp-10fold"))
+    row = next(line for line in table.splitlines() if line.startswith("| r18_arcface_64px_template_s8 | 10 |"))
+    assert row.endswith("MIXED: 8 commits, uncommitted changes; bfloat16 and float32 MIXED |")  # as committed
