@@ -171,13 +171,13 @@ def load_landmarks(root, paths):
     return np.stack([read_landmarks(f) for f in files])
 
 
-def load_cfp(root):
-    """Parse the protocol of a CFP-layout folder. Images are not opened here."""
+def load_cfp(root, flag="--data-root"):
+    """Parse the protocol of a CFP-layout folder (errors name the flag that gave it). Images are not opened."""
     if not root or not os.path.isdir(root):
-        raise DataError(f"--data-root {root!r} is not a folder (set --data-root or $CFP_ROOT; "
-                        f"`python toy.py toy` writes a synthetic one)")
+        raise DataError(f"{flag} {root!r} is not a folder (set {flag}" + (" or $CFP_ROOT; `python toy.py toy` writes "
+                        "a synthetic one)" if flag == "--data-root" else ")"))
     if not os.path.isdir(os.path.join(root, "Protocol")):
-        raise DataError(f"--data-root {root!r} has no Protocol/ folder: not a CFP-layout dataset")
+        raise DataError(f"{flag} {root!r} has no Protocol/ folder: not a CFP-layout dataset")
     frontal = _read_image_list(root, "Pair_list_F.txt")
     profile = _read_image_list(root, "Pair_list_P.txt")
     paths = frontal + profile
@@ -247,6 +247,9 @@ def load_dataset(root):
 def load_folders(root):
     """ROOT/IDENTITY/**/*.jpg (torchvision's ImageFolder layout): one identity per folder, images at any depth
     below it, sorted. Pose and landmarks are unknown: every image counts as frontal."""
+    if {"Images", "Fiducials"} & set(os.listdir(root)) and os.path.isdir(os.path.join(root, "..", "Protocol")):
+        raise DataError(f"--data-root {root!r} looks like the Data/ folder of a CFP layout: give its root, "
+                        f"{os.path.normpath(os.path.join(root, '..'))!r}")
     names = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
     paths, identity = [], []
     for i, name in enumerate(names):
@@ -257,8 +260,9 @@ def load_folders(root):
     if not paths:
         raise DataError(f"--data-root {root!r} has neither a Protocol/ folder (CFP's layout) nor identity folders "
                         f"with images ({', '.join(IMAGE_EXTENSIONS)}) inside: not a dataset")
-    if len(names) < 2:
-        raise DataError(f"--data-root {root!r}: one identity folder ({names[0]}); verification needs two or more")
+    if len(set(identity)) < 2:
+        raise DataError(f"--data-root {root!r}: one identity folder with images ({names[identity[0]]}); "
+                        f"verification needs two or more")
     h = hashlib.sha1("\n".join(os.path.relpath(p, root) for p in paths).encode())
     return CFP(root, paths, np.array(identity, dtype=np.int64), np.zeros(len(paths), bool), {}, None,
                h.hexdigest(), layout="folders", names=names)
@@ -323,7 +327,7 @@ def split(root, eval_root, protocol, test_fold, seed, pairs_dir=None):
         roles = ds, folds, ds.images_of(folds["train"]), ds.pairs(folds["val"]), ds.pairs(folds["test"])
     elif eval_root:
         n, folds = len(ds.paths), split_folds(protocol, test_fold)
-        ds = join(ds, load_cfp(eval_root))
+        ds = join(ds, load_cfp(eval_root, "--eval-root"))
         roles = ds, {"train": f"identity folders of {root}", "val": folds["val"], "test": folds["test"]}, \
             np.arange(n), ds.pairs(folds["val"]), ds.pairs(folds["test"])
     else:
@@ -426,9 +430,10 @@ class IdentityPairSet(PairSet):
         if cfp.layout == "folders":
             self.frontal = self.profiles = [images[cfp.identity[images] == i] for i in self.ids]
             if len(self.ids) < 2 or min(map(len, self.frontal)) < 2:
-                raise DataError("--pairs-from identities needs 2+ identities with 2+ images each")
+                raise DataError(f"{cfp.root}: --pairs-from identities needs 2+ identities with 2+ images each")
         elif len(self.ids) < 2 or min(map(len, self.frontal)) < 2 or min(map(len, self.profiles)) < 1:
-            raise DataError("--pairs-from identities needs 2+ identities with 2+ frontal and 1+ profile image each")
+            raise DataError(f"{cfp.root}: --pairs-from identities needs 2+ identities with 2+ frontal and 1+ "
+                            f"profile image each")
 
     def new_epoch(self, seed, epoch):
         rng = np.random.default_rng([seed, epoch, 7])
@@ -492,7 +497,7 @@ def to_folders(root, out, folds=None):
 
 
 def check_folders(ds, workers):
-    counts = np.bincount(ds.identity)
+    counts = np.bincount(ds.identity, minlength=len(ds.names))  # empty identity folders count as 0
     print(f"dataset      {ds.root} (identity folders)")
     print(f"identities   {len(ds.names)} ({int((counts >= 2).sum())} with 2+ images)")
     print(f"images       {len(ds.paths)} ({counts.min()}-{counts.max()} per identity, median {np.median(counts):g})")

@@ -21,6 +21,7 @@ import io
 import itertools
 import math
 import os
+import signal
 import stat
 import sys
 import time
@@ -200,10 +201,12 @@ class Verifier:
         if not os.path.isfile(path):  # a folder or a device is refused before it is opened (a FIFO would hang)
             what = "a folder" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "missing"
             raise UserError(f"image {path} does not exist" if what == "missing" else f"image {path} is {what}")
-        matrix, self.profile[path] = None, cfp_place(path)[1]  # the pose its CFP folder says, if any
+        matrix, folder = None, cfp_place(path)[1]  # the pose its CFP folder says, if it lies in one
+        self.profile[path] = folder
         if self.aligner is not None:
-            points, self.profile[path] = self.landmarks(path)
-            matrix = self.aligner.matrix(points, self.profile[path], self.args["img_size"])
+            points, profile = self.landmarks(path)
+            matrix = self.aligner.matrix(points, profile, self.args["img_size"])
+            self.profile[path] = profile if folder is None else folder  # the folder first, else the network
         return decode_image(path, self.args["img_size"], self.args["resize"], matrix)
 
     def landmarks(self, path):
@@ -384,6 +387,10 @@ def main(args):
         return summarize_runs(args.summarize, args.out, args.json)
     if not args.run:
         raise UserError("give a run folder or checkpoint (or --summarize DIR)")
+    if os.path.isdir(args.run) and not os.path.exists(os.path.join(args.run, "best.pt")) and \
+            any(os.path.isfile(os.path.join(d.path, "config.json")) for d in os.scandir(args.run) if d.is_dir()):
+        raise UserError(f"{args.run} is a folder of runs, not a run: evaluate one of them, or table them all with "
+                        f"--summarize {args.run}")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if (args.pair or args.pairs) and args.tta != "none":
@@ -392,7 +399,8 @@ def main(args):
     if args.align == "predicted" and not args.landmark_net:
         raise UserError("--align predicted needs --landmark-net RUN (a network trained by landmarks.py)")
     if args.export:
-        return export_run(args)
+        model, ckpt = load_model(args.run, torch.device("cpu"))
+        return export.export_run(model, ckpt, args.run, args.export)
     v = Verifier(args.run, args.landmark_net, args.align == "predicted")
     if args.pair:
         return verify_one_pair(args, v)
@@ -400,7 +408,9 @@ def main(args):
         return verify_pair_list(args, v)
     if args.benchmark:
         return benchmark_cfp(args, v)
-    if v.args["eval_root"] == "" and not args.folds and is_held_out_run(args.run):
+    held_out = v.args["eval_root"] == "" and (os.path.isfile(os.path.join(run_dir(args.run), "pairs_val.txt")) or (
+        os.path.isdir(v.args["data_root"]) and load_dataset(v.args["data_root"]).layout == "folders"))
+    if held_out and not args.folds:  # identity folders, validated and tested on held-out identities
         return evaluate_held_out(args, v)
     return evaluate_folds(args, v)
 
@@ -524,16 +534,16 @@ def run_dir(path):
     return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
 
 
-def is_held_out_run(path):
-    return os.path.isfile(os.path.join(run_dir(path), "pairs_val.txt"))
-
-
 def evaluate_held_out(args, v):
     """A run trained on identity folders with held-out identities: its own pairs_val.txt and pairs_test.txt,
     the test at the threshold chosen on the validation pairs."""
     a = v.args
     ds = load_dataset(args.data_root or a["data_root"])
-    sets = {role: read_pair_file(os.path.join(run_dir(args.run), f"pairs_{role}.txt"), ds) for role in ("val", "test")}
+    files = {role: os.path.join(run_dir(args.run), f"pairs_{role}.txt") for role in ("val", "test")}
+    for role, path in files.items():
+        if not os.path.isfile(path):
+            raise UserError(f"{path} is missing: the run's held-out {role} pairs, drawn when it trained")
+    sets = {role: read_pair_file(path, ds) for role, path in files.items()}
     bank, _ = fold_bank(args, ds, np.unique(np.concatenate([p[:, :2].ravel() for p in sets.values()])), v)
     out = {"checkpoint": args.run, "data_root": ds.root}
     res = {role: evaluate(v.model, bank, p, None, args.batch_size, v.device, amp=a["amp"])
@@ -581,7 +591,7 @@ def benchmark_cfp(args, v):
     seen = cfp_training_images(v.args, cfp)
     if seen:
         raise UserError(f"--benchmark cfp: {args.run} cannot be benchmarked on {cfp.root}: {seen}; the benchmark "
-                        f"would test on people it trained on")
+                        f"takes only runs that never trained on its dataset's images")
     t = time.time()
     pairs, kinds = cfp.pairs(range(1, NUM_FOLDS + 1))
     fold = np.concatenate([np.full(len(cfp.folds[k][kind]), k) for k in range(1, NUM_FOLDS + 1) for kind in KINDS])
@@ -605,31 +615,10 @@ def benchmark_cfp(args, v):
         write_json(args.json, out)
 
 
-def export_run(args):
-    """--export PATH: the embedder file, checked against the run's own embeddings before it is kept."""
-    model, ckpt = load_model(args.run, torch.device("cpu"))
-    if ckpt["args"]["arch"] != 2:
-        raise UserError(f"--export: {args.run} is an --arch 1 run, whose pairs are judged by its decision network, "
-                        f"not by comparing embeddings; only --arch 2 runs export an embedder")
-    if os.path.exists(args.export):
-        raise UserError(f"--export {args.export} already exists; remove it or choose another path")
-    tmp = f"{args.export}.tmp{os.getpid()}.pt2"  # torch.export's archives are named .pt2
-    try:
-        export.export(model, ckpt, tmp)
-        loaded, prep = export.load(tmp)
-        size = ckpt["args"]["img_size"]
-        x = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            diff = float((loaded(x) - model.embed(preprocess(x))).abs().max())
-        if diff > 1e-4:
-            raise UserError(f"--export: the exported embedder differs from the network by {diff:.2e}; not written")
-        os.replace(tmp, args.export)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    print(f"wrote {args.export}: {prep['img_size']}px {prep['input']}; float32, max difference from the network "
-          f"{diff:.1e} on 3 test images")
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, on_sigterm)
     run_cli(main, get_args_parser().parse_args())

@@ -26,13 +26,30 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo; list_ids; }
-list_ids() {  # each ID once, with the comment line above its first row
+# What an ID costs on a 2-core x86 CPU with AVX-512-BF16 or AMX (bf16): measured where results/ holds the run
+cost() {  # the training minutes of the runs in results/ (epochs only, not the final test), or an estimate
+    case $1 in
+        aligned) echo "22 min (one thread, another run beside it): results/cfp-seed/r18_arcface_64px_template_s8" ;;
+        clutter) echo "12 min (one thread, another run beside it): results/cfp-seed/*_clutter05" ;;
+        10fold-aligned) echo "12 to 25 min a fold (two threads alone, or one beside another run): results/cfp-10fold" ;;
+        10fold-r18) echo "about 10 min a fold (one thread): results/cfp-10fold/r18_arcface_64px_fold*" ;;
+        scratch-r18) echo "10 min (one thread): results/cfp-seed/r18_arcface_64px_squash_dropout06" ;;
+        landmarks) echo "9 min (two threads, alone): results/landmarks/jitter02_timed" ;;
+        predicted) echo "7 min of epochs after 94 s of placing landmarks (two threads, alone): results/cfp-seed/*_j02" ;;
+        *) echo "an estimate, not measured here: a day or more on 2 CPU cores (224 px, ImageNet trunks); for a GPU" ;;
+    esac
+}
+list_ids() {  # each ID once, with the comment line above its first row and what it costs
     echo "IDs, under the heading of their section:"
     awk '/^# ---- /{t=$0; gsub(/^# ---- | ----$/, "", t)} /^# /{c=substr($0, 3); sub(/^[^ ]+:? /, "", c)}
          /^(run|tenfold) /{rows[$2] += ($1 == "tenfold" ? 10 : 1)
              if (!($2 in first)) {order[++n] = $2; first[$2] = c; head[$2] = t}}
          END {for (i = 1; i <= n; i++) {id = order[i]; if (head[id] != shown) {print head[id]; shown = head[id]}
-             more = (rows[id] > 1) ? " (" rows[id] " runs)" : ""; printf "  %-14s %s%s\n", id, first[id], more}}' "$0"
+             more = (rows[id] > 1) ? " (" rows[id] " runs)" : ""; printf "  %-14s %s%s\n", id, first[id], more}}' "$0" |
+    while IFS= read -r line; do
+        echo "$line"
+        if [[ $line == "  "* ]]; then read -r id _ <<< "$line"; echo "                 cost: $(cost "$id")"; fi
+    done
 }
 VALID_IDS=$(sed -n 's/^\(run\|tenfold\) \([^ ]*\) python .*/\2/p' "$0" | awk '!seen[$0]++' | tr '\n' ' ')
 DRY_RUN=0 FORCE=0 IDS=()

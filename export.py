@@ -17,11 +17,13 @@ the normalisation the network applies inside the file.
 """
 import json
 import math
+import os
 
 import torch
 import torch.nn as nn
 
-from images import IMAGENET_MEAN, IMAGENET_STD, normalise
+from images import IMAGENET_MEAN, IMAGENET_STD, normalise, preprocess
+from utils import UserError
 EXTRA = "preprocessing.json"
 
 
@@ -42,8 +44,14 @@ def preprocessing(ckpt):
     aligner = ckpt["aligner"]
     return {"img_size": a["img_size"], "channels": "RGB", "dtype": "uint8",
             "input": "faces warped onto align.templates by their 30 CFP landmarks (align.py), profiles facing "
-                     "left mirrored" if aligner else f"the whole image, resized to the square by '{a.get('resize')}'",
+                     "left mirrored" if aligner else f"the whole image, resized to the square by '{a['resize']}'",
             "resize": None if aligner else a["resize"], "align": aligner,
+            "decode": "Pillow, EXIF orientation applied, any mode made RGB, transparency on white; " + (
+                "the whole photo decoded, then warped (bilinear, after a box shrink to at most twice the output "
+                "scale)" if aligner else "a JPEG decoded in Pillow's draft mode towards the input size "
+                "(im.draft('RGB', (S, S))) before the resize: another decoder gives other pixels"),
+            "landmarks": "each face needs CFP's 30 landmarks, which torch alone cannot give: a CFP landmark file, or "
+                         "the landmark network of landmarks.py (faces.FaceFinder)" if aligner else None,
             "normalisation": {"mean": [255 * m for m in IMAGENET_MEAN], "std": [255 * s for s in IMAGENET_STD],
                               "applied": "inside the file"},
             "score": "cosine similarity of two embeddings",  # null: a kind the run had no pairs of
@@ -66,3 +74,34 @@ def load(path):
     extra = {EXTRA: ""}
     program = torch.export.load(path, extra_files=extra)
     return program.module(), json.loads(extra[EXTRA])
+
+
+def export_run(model, ckpt, run, path):
+    """evaluate.py --export PATH: the embedder file, checked against the run's own embeddings before it is kept."""
+    if ckpt["args"]["arch"] != 2:
+        raise UserError(f"--export: {run} is an --arch 1 run, whose pairs are judged by its decision network, "
+                        f"not by comparing embeddings; only --arch 2 runs export an embedder")
+    if os.path.exists(path):
+        raise UserError(f"--export {path} already exists; remove it or choose another path")
+    tmp = f"{path}.tmp{os.getpid()}.pt2"  # torch.export's archives are named .pt2
+    try:
+        try:
+            export(model, ckpt, tmp)
+        except (OSError, RuntimeError) as e:  # torch's archive writer reports a file it cannot open as a RuntimeError
+            if isinstance(e, RuntimeError) and "open file failed" not in str(e):
+                raise
+            reason = e.strerror if isinstance(e, OSError) else str(e).split("strerror: ")[-1].strip()
+            raise UserError(f"--export {path} cannot be written: {reason}") from None
+        loaded, prep = load(tmp)
+        size = ckpt["args"]["img_size"]
+        x = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            diff = float((loaded(x) - model.embed(preprocess(x))).abs().max())
+        if diff > 1e-4:
+            raise UserError(f"--export: the exported embedder differs from the network by {diff:.2e}; not written")
+        os.replace(tmp, path)
+    finally:  # also on Ctrl-C and SIGTERM (evaluate.py turns it into one): no half-written file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    print(f"wrote {path}: {prep['img_size']}px {prep['input']}; float32, max difference from the network "
+          f"{diff:.1e} on 3 test images")

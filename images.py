@@ -78,6 +78,7 @@ def open_image(path, draft=None):
         with Image.open(path) as im:
             if draft:
                 im.draft("RGB", (draft, draft))  # JPEG: let the decoder downscale by 1/2..1/8 first
+            im.load()  # the pixels first: a truncated file is a decoding error, not an EXIF one
             try:
                 im = ImageOps.exif_transpose(im)  # as a photo viewer shows it, whichever way the camera held it
             except Exception as e:  # Pillow's EXIF parsing of a damaged file can raise almost anything
@@ -179,7 +180,8 @@ def map_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None
     shape = (len(paths), 3, size, size)
     images = read_mapped(path, shape)
     if images is None:
-        tmp = f"{path}.part"
+        # each writer its own temporary file (torchrun's ranks share their launcher's), renamed when whole
+        tmp = f"{path}.part{os.getppid() if world > 1 else os.getpid()}"
         if rank == 0:
             os.makedirs(cache_dir, exist_ok=True)
             np.lib.format.open_memmap(tmp, "w+", np.uint8, shape).flush()

@@ -383,14 +383,15 @@ def main(args):
 def test_and_report(args, cfp, sets, history, train_seconds, log):
     """The best epoch's network on the test identities' photos: as they are, and pasted into larger pictures."""
     from plots import plot_landmark_curves, plot_landmarks
-    finder = FaceFinder.load(os.path.join(args.out, "best.pt"))
+    t, finder = time.time(), FaceFinder.load(os.path.join(args.out, "best.pt"))
     test, pictures, pred = score_photos(finder, cfp, sets["test"])
     test["nme"] = mean_found(test["nme"])
     pasted = {f"pasted_{f}": found_in_pasted(finder, cfp, sets["test"], f, args.seed) for f in (0.5, 0.25)}
     pasted["background_alone"] = found_in_backgrounds(finder, cfp, sets["test"], args.seed)
     best = min(history, key=lambda h: h["val_nme"])
     metrics = {"test": test, **pasted, "best_epoch": best["epoch"], "val_nme": best["val_nme"],
-               "train_minutes": train_seconds / 60, "test_folds": split_folds(args.protocol, args.test_fold)["test"]}
+               "train_minutes": train_seconds / 60, "test_minutes": (time.time() - t) / 60,
+               "test_folds": split_folds(args.protocol, args.test_fold)["test"]}
     write_json(os.path.join(args.out, "metrics.json"), metrics)
     plot_landmark_curves(history, os.path.join(args.out, "curves.png"))
     show = np.random.default_rng(0).choice(len(sets["test"]), 16, replace=False)
@@ -401,7 +402,7 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
         f"pose accuracy {test['pose_acc']:.4f}, {test['ms_per_photo']:.1f} ms a photo; pasted at 1/2: found "
         f"{pasted['pasted_0.5']['found']:.4f}, at 1/4: {pasted['pasted_0.25']['found']:.4f}; a face found in "
         f"{pasted['background_alone']['found']:.4f} of pictures without one; "
-        f"{train_seconds / 60:.1f} min -> {args.out}")
+        f"{train_seconds / 60:.1f} min of training and {metrics['test_minutes']:.1f} of testing -> {args.out}")
     return metrics
 
 

@@ -239,3 +239,13 @@ def test_the_landmark_lines_parse_and_train_the_network_the_predicted_line_uses(
     assert trained and any("--landmark-net" in line for _, line in all_rows())
     r = sh("--dry-run", "landmarks", env={"LANDMARK_ARGS": "--epochs 1", "EXTRA_ARGS": "--epochs 2"})
     assert r.stdout.strip().endswith("--amp --epochs 1")  # each script gets its own extra flags
+
+
+def test_list_gives_every_id_its_cost():
+    r = sh("--list")
+    lines = r.stdout.splitlines()
+    ids = [(n, line.split()[0]) for n, line in enumerate(lines) if line.startswith("  ") and not
+           line.strip().startswith("cost:")]
+    assert {i for _, i in ids} >= {i for i, _ in all_rows()}
+    assert all(lines[n + 1].strip().startswith("cost: ") for n, _ in ids)
+    assert "estimate" in lines[ids[0][0] + 1] and "results/" in next(lines[n + 1] for n, i in ids if i == "aligned")

@@ -622,3 +622,87 @@ def test_an_exported_runs_preprocessing_is_strict_json(fold3_run, tmp_path, monk
     ckpt["thresholds"]["FP"] = float("nan")  # a held-out folder run has no FF or FP pairs
     prep = json.loads(json.dumps(export.preprocessing(ckpt), allow_nan=False))
     assert prep["thresholds"]["FP"] is None and prep["thresholds"]["FF"] == ckpt["thresholds"]["FF"]
+
+
+def test_export_to_a_place_that_cannot_be_written_is_one_line(fold3_run):
+    r = cli(evaluate, fold3_run, "--export", "/proc/self/embedder.pt2")
+    assert r.returncode == 2 and one_line(r.stderr) and "/proc/self/embedder.pt2 cannot be written" in r.stderr
+
+
+def test_sigterm_during_export_leaves_no_temporary_file(fold3_run, tmp_path):
+    path = tmp_path / "embedder.pt2"
+    p = subprocess.Popen([sys.executable, "evaluate.py", str(fold3_run), "--export", str(path)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None and not list(tmp_path.glob("embedder.pt2.tmp*")):
+        time.sleep(0.01)
+    p.send_signal(15)
+    p.communicate(timeout=60)
+    assert p.returncode in (0, 130) and not list(tmp_path.glob("*.tmp*"))  # finished, or stopped and cleaned up
+
+
+def test_two_runs_sharing_a_cache_folder_decode_a_mapped_bank_side_by_side(toy, tmp_path):
+    code = ("import sys, numpy as np, data, images; images.memory_budget = lambda: 0; cfp = data.load_cfp(sys.argv[1]); "
+            "bank = images.ImageBank(cfp, np.arange(len(cfp.paths)), 32, cache_dir=sys.argv[2]); "
+            "print(int(bank.images.sum()))")
+    for trial in range(3):
+        cache = tmp_path / f"cache{trial}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, toy, str(cache)], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), [err[-300:] for _, err in outs]
+        assert outs[0][0] == outs[1][0] and [f.name for f in cache.iterdir() if ".part" in f.name] == []
+
+
+def test_errors_name_the_folder_at_fault(toy, tmp_path):
+    shutil.copytree(toy, tmp_path / "cfp")
+    with pytest.raises(data.DataError, match=r"looks like the Data/ folder of a CFP layout: give its root, .*cfp'"):
+        data.load_dataset(str(tmp_path / "cfp" / "Data"))
+    one = tmp_path / "one"
+    shutil.copytree(os.path.join(toy, "Data/Images/001"), one / "alice")
+    (one / "bob").mkdir()  # an identity folder without images
+    with pytest.raises(data.DataError, match=r"one identity folder with images \(alice\)"):
+        data.load_dataset(str(one))
+
+
+def test_more_errors_name_what_is_at_fault(toy, fold3_run, tmp_path):
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(open(os.path.join(toy, "Data/Images/003/frontal/01.jpg"), "rb").read()[:600])
+    with pytest.raises(data.DataError, match="cannot decode image .*cut.jpg") as e:
+        images.decode_image(str(truncated), 32)
+    assert "EXIF" not in str(e.value)
+    r = cli(evaluate, fold3_run.parent)  # a folder of runs
+    assert r.returncode == 2 and "is a folder of runs" in r.stderr and "--summarize" in r.stderr
+    r = cli(evaluate, fold3_run, "--benchmark", "cfp", "--data-root", toy)
+    assert r.returncode == 2 and "never trained on its dataset's images" in r.stderr and "people" not in r.stderr
+
+
+def test_a_held_out_run_without_its_pairs_names_the_file(tmp_path):
+    from toy import make_toy_folders
+    make_toy_folders(str(tmp_path / "faces"), num_ids=24, per_id=6, size_range=(30, 50))
+    out = tmp_path / "run"
+    train.main(smoke_args(tmp_path / "faces", out, "--loss", "arcface", "--epochs", "1"))
+    (out / "pairs_val.txt").unlink()
+    r = cli(evaluate, out)
+    assert r.returncode == 2 and "pairs_val.txt is missing" in r.stderr and "Protocol" not in r.stderr
+    with pytest.raises(data.DataError, match="--eval-root '/nonexistent' is not a folder"):
+        data.split(str(tmp_path / "faces"), "/nonexistent", "seed", None, 0)
+
+
+def test_check_counts_empty_identity_folders(toy, tmp_path):
+    from toy import make_toy_folders
+    make_toy_folders(str(tmp_path / "faces"), num_ids=3, per_id=4, size_range=(30, 50))
+    (tmp_path / "faces" / "zz_empty").mkdir()
+    r = cli(data, "--check", tmp_path / "faces")
+    assert r.returncode == 0, r.stderr
+    assert "identities   4 (3 with 2+ images)" in r.stdout and "(0-4 per identity" in r.stdout
+
+
+def test_an_exported_runs_preprocessing_says_how_to_decode_and_where_landmarks_come_from(fold3_run):
+    import export
+    ckpt = torch.load(fold3_run / "best.pt", weights_only=True)
+    prep = export.preprocessing(ckpt)
+    assert "draft" in prep["decode"] and prep["landmarks"] is None  # a whole-image run
+    ckpt["aligner"] = {"mode": "template", "margin": 1.25, "templates": {}}
+    prep = export.preprocessing(ckpt)
+    assert "warped" in prep["decode"] and "landmark network" in prep["landmarks"]
