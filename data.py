@@ -18,6 +18,7 @@ The pixels (decoding, the uint8 bank, augmentation, normalisation) are images.py
 """
 import argparse
 import hashlib
+import json
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -255,6 +256,12 @@ def load_folders(root):
     for i, name in enumerate(names):
         files = sorted(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(root, name))
                        for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+        for f in [os.path.join(root, name)] + files:
+            try:
+                f.encode()
+            except UnicodeEncodeError:  # a byte that is not UTF-8 (os gives it as a surrogate): no record holds it
+                raise DataError(f"--data-root {root!r}: {os.path.relpath(f, root)!r} has a name that is not "
+                                f"UTF-8; rename it") from None
         paths += files
         identity += [i] * len(files)
     if not paths:
@@ -368,12 +375,10 @@ def check_held_out(cfp, folds, train_images, val, test):
 
 
 def write_pair_file(path, ds, pairs):
-    """Pairs as 'a,b,same' lines, a and b relative to the dataset root: the run's own held-out pairs."""
+    """The run's own held-out pairs, one JSON list [A, B, SAME] a line, A and B relative to the dataset root:
+    any file name round-trips, commas, spaces and line breaks included."""
     rel = [os.path.relpath(p, ds.root) for p in ds.paths]
-    lines = [f"{rel[a]},{rel[b]},{same}" for a, b, same in pairs]
-    if any("," in rel[i] for i in np.unique(pairs[:, :2])):
-        raise DataError(f"{ds.root}: an image path contains a comma; rename it to hold its pairs in a file")
-    atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write(path, "".join(json.dumps([rel[a], rel[b], int(same)]) + "\n" for a, b, same in pairs))
 
 
 def read_pair_file(path, ds):
@@ -381,15 +386,16 @@ def read_pair_file(path, ds):
     index = {os.path.relpath(p, ds.root): i for i, p in enumerate(ds.paths)}
     rows = []
     for n, line in _read_lines(path):
-        parts = line.rsplit(",", 2)
-        if len(parts) != 3 or parts[2] not in ("0", "1"):
-            raise DataError(f"{path}:{n}: expected 'A,B,SAME' with SAME 0 or 1, got {quote(line)}")
-        for p in parts[:2]:
+        try:
+            a, b, same = json.loads(line)
+        except ValueError:
+            raise DataError(f"{path}:{n}: expected a JSON list [A, B, SAME], got {quote(line)} (pair files of runs "
+                            f"before this format: the commit named in results/STUDIES.md)") from None
+        for p in (a, b):
             if p not in index:
                 raise DataError(f"{path}:{n}: image {p!r} is not in {ds.root}")
-        rows.append((index[parts[0]], index[parts[1]], int(parts[2])))
+        rows.append((index[a], index[b], int(same)))
     return np.array(rows, dtype=np.int64).reshape(-1, 3)
-
 
 
 class PairSet:

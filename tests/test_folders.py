@@ -64,8 +64,12 @@ def test_held_out_identities_are_disjoint_and_their_pairs_are_the_runs(folders, 
 def test_pair_file_errors_name_the_line(folders, tmp_path):
     ds = data.load_dataset(folders)
     bad = tmp_path / "pairs.txt"
-    bad.write_text("id00001/frontal_01.jpg,id00001/frontal_02.jpg,1\nid00001/frontal_01.jpg,nothere.jpg,0\n")
+    bad.write_text('["id00001/frontal_01.jpg", "id00001/frontal_02.jpg", 1]\n'
+                   '["id00001/frontal_01.jpg", "nothere.jpg", 0]\n')
     with pytest.raises(data.DataError, match=r"pairs.txt:2: image 'nothere.jpg' is not in"):
+        data.read_pair_file(str(bad), ds)
+    bad.write_text("id00001/frontal_01.jpg,id00001/frontal_02.jpg,1\n")  # the format of earlier runs
+    with pytest.raises(data.DataError, match=r"pairs.txt:1: expected a JSON list .*results/STUDIES.md"):
         data.read_pair_file(str(bad), ds)
 
 
@@ -141,3 +145,21 @@ def test_a_bank_larger_than_its_memory_budget_is_a_mapped_file(toy, tmp_path, mo
     assert torch.equal(mapped[indices], in_memory[indices])
     again = images.ImageBank(cfp, indices, 32, cache_dir=str(tmp_path))  # read, not decoded
     assert torch.equal(again.images, in_memory.images)
+
+
+def test_any_utf8_folder_name_trains_evaluates_and_resumes_and_other_bytes_are_refused(tmp_path):
+    root = tmp_path / "faces"
+    make_toy_folders(str(root), num_ids=24, per_id=6, size_range=(30, 50))
+    for old, new in (("id00001", "smith, john"), ("id00002", " leading space"), ("id00003", "two\nlines")):
+        (root / old).rename(root / new)
+    out = tmp_path / "run"
+    m = train.main(smoke_args(root, out, "--loss", "arcface", "--epochs", "1"))
+    r = cli(evaluate, out, "--json", tmp_path / "e.json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "e.json").read_text())["test"]["all"]["acc"] == m["test"]["all"]["acc"]
+    assert train.main(smoke_args(root, out, "--loss", "arcface", "--epochs", "2", "--resume"))["epochs_run"] == 2
+    os.rename(root / "id00004", os.path.join(os.fsencode(root), b"bad\xff"))
+    r = cli(train, *["--data-root", root, "--out", tmp_path / "r2", "--backbone", "resnet18", "--no-pretrained",
+                     "--img-size", "32", "--loss", "arcface"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not UTF-8" in r.stderr and "bad" in r.stderr
+    assert not (tmp_path / "r2").exists()
