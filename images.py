@@ -105,8 +105,8 @@ def decode_image(path, size, resize="pad", matrix=None):
 def _cache_file(cache_dir, paths, size, resize, matrices=None):
     h = hashlib.sha1(f"{size}{resize}".encode())
     for p in paths:
-        st = os.stat(p)
-        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        st = os.stat(p)  # the change time and the inode too: `cp -p` and `rsync -a` keep a size and an mtime
+        h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}\n".encode())
     view = resize
     if matrices is not None:  # aligned: the warps are part of what was decoded
         h.update(np.ascontiguousarray(np.asarray(matrices, dtype=np.float64).round(6)).tobytes())
@@ -119,27 +119,29 @@ def warn(message):
 
 
 def read_cache(path, shape):
-    """The cached images, or None (with a warning) when the file is damaged or holds something else.
-    Temp files that a killed write left beside it are removed first."""
+    """The cached (images, content hash), or None (with a warning) when the file is damaged or holds something
+    else. Temp files that a killed write left beside it are removed first."""
     for tmp in glob.glob(glob.escape(path) + ".tmp[0-9]*"):
         os.remove(tmp)
     if not os.path.isfile(path):
         return None
     try:
-        images = torch.load(path, weights_only=True)
+        cached = torch.load(path, weights_only=True)
     except Exception as e:  # a truncated or foreign file: any of torch's, pickle's or zipfile's errors
         warn(f"cache {path} cannot be read ({type(e).__name__}): decoding the images again")
         return None
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape:
+    images = cached.get("images") if isinstance(cached, dict) else None
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or tuple(images.shape) != shape or \
+            not isinstance(cached.get("content"), str):
         warn(f"cache {path} holds something else than {shape} uint8 images: decoding the images again")
         return None
-    return images
+    return images, cached["content"]
 
 
-def write_cache(images, path):
+def write_cache(images, content, path):
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_save(images, path)
+        atomic_save({"images": images, "content": content}, path)
     except (OSError, UserError) as e:  # a full disk or a read-only folder: the run goes on without a cache
         warn(f"the image cache {path} could not be written ({e}); going on without it")
 
@@ -147,27 +149,35 @@ def write_cache(images, path):
 def load_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None):
     """Decode every path once, resized whole or warped by its matrix (align.py): (N, 3, size, size) uint8.
 
-    With cache_dir, the tensor is stored on disk keyed by the file list, sizes, mtimes, the image
-    size and the warps, so later runs skip decoding. The cache is optional: whatever goes wrong with it,
-    the images are decoded."""
+    -> (images, a hash of the files' contents). With cache_dir, both are stored on disk keyed by the file list,
+    sizes, times, inodes, the image size and the warps, so later runs skip decoding. The cache is optional:
+    whatever goes wrong with it, the images are decoded."""
     cache = None
     if cache_dir:
         try:
             cache = _cache_file(cache_dir, paths, size, resize, matrices)
         except OSError as e:  # a missing image: decoding will name it
             warn(f"--cache-dir: {e.filename} cannot be read; decoding without the cache")
-    images = read_cache(cache, (len(paths), 3, size, size)) if cache else None
-    if images is not None:
-        return images
-    out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    cached = read_cache(cache, (len(paths), 3, size, size)) if cache else None
+    if cached is not None:
+        return cached
+    out, digests = torch.empty(len(paths), 3, size, size, dtype=torch.uint8), []
     matrices = [None] * len(paths) if matrices is None else matrices
     # Pillow releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, img in enumerate(pool.map(lambda p, m: decode_image(p, size, resize, m), paths, matrices)):
+        for i, (img, digest) in enumerate(pool.map(lambda p, m: (decode_image(p, size, resize, m), file_sha1(p)),
+                                                   paths, matrices)):
             out[i] = img
+            digests.append(digest)
+    content = hashlib.sha1("".join(digests).encode()).hexdigest()
     if cache:
-        write_cache(out, cache)
-    return out
+        write_cache(out, content, cache)
+    return out, content
+
+
+def file_sha1(path):
+    with open(path, "rb") as f:
+        return hashlib.sha1(f.read()).hexdigest()
 
 
 def map_images(paths, size, workers=2, cache_dir="", resize="pad", matrices=None, chunk=1024):
@@ -252,10 +262,10 @@ class ImageBank:
                                 f"--align none, or --landmark-net RUN to predict them")
             matrices = [aligner.matrix(cfp.landmarks[i], cfp.profile[i], size) for i in self.indices]
         paths = [cfp.paths[i] for i in self.indices]
-        if mapped:
-            self.images = map_images(paths, size, workers, cache_dir, resize, matrices)
+        if mapped:  # a set larger than memory is not hashed: a resumed run cannot check its content
+            self.images, self.content = map_images(paths, size, workers, cache_dir, resize, matrices), None
             return
-        images = load_images(paths, size, workers, cache_dir, resize, matrices)
+        images, self.content = load_images(paths, size, workers, cache_dir, resize, matrices)
         # On a GPU the whole uint8 set lives on the device: batches never cross PCIe.
         self.images = images.to(device)
 
@@ -263,7 +273,7 @@ class ImageBank:
     def of(cls, num_images, indices, images):
         """A bank of images decoded elsewhere: images[k] is dataset image indices[k] (indices unique)."""
         bank = cls.__new__(cls)
-        bank.indices, bank.images = np.asarray(indices), images
+        bank.indices, bank.images, bank.content = np.asarray(indices), images, None
         bank.row = np.full(num_images, -1, dtype=np.int64)
         bank.row[bank.indices] = np.arange(len(bank.indices))
         return bank

@@ -295,7 +295,7 @@ def open_run(args, world):
             raise UserError(f"--resume: {best} is gone and its epoch ({resume['best']['epoch']}) cannot be rebuilt "
                             f"from last.pt (epoch {resume['epoch']}); put it back, or start again with --overwrite")
         keep = ("model", "criterion", "args", "epoch", "threshold", "thresholds", "val_acc", "val", "aligner",
-                "fingerprint")
+                "fingerprint", "content")
         atomic_save({k: resume[k] for k in keep}, best)  # the last epoch was the best one
     return resume
 
@@ -358,6 +358,9 @@ def prepare_data(run, resume):
     t = time.time()
     run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
                          run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
+    if resume and resume["content"] != run.bank.content:
+        raise UserError(f"--resume: the images in {args.data_root} are not those {args.out} was trained on (their "
+                        f"contents changed); put them back, or start again with --overwrite")
     folds = run.folds
     if cfp.layout == "folders":
         log(f"data: {args.data_root} is an identity-folder dataset: {len(np.unique(cfp.identity[train_images]))} "
@@ -590,7 +593,7 @@ def end_epoch(run, epoch, row):
     state = {"model": run.model.state_dict(), "criterion": run.criterion.state_dict(), "args": vars(run.args),
              "epoch": epoch + 1, "threshold": val["threshold"], "thresholds": thresholds,
              "val_acc": val["val_acc"], "val": val, "aligner": run.aligner and run.aligner.state(),
-             "fingerprint": run.cfp.fingerprint}
+             "fingerprint": run.cfp.fingerprint, "content": run.bank.content}
     if val["val_acc"] > run.best["val_acc"]:
         run.best = {"val_acc": val["val_acc"], "epoch": epoch + 1, "threshold": val["threshold"]}
         atomic_save(state, os.path.join(out, "best.pt"))

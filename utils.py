@@ -122,7 +122,7 @@ def write_json(path, obj):
 
 CHECKPOINT_KEYS = {"best": ("model", "criterion", "args", "epoch", "threshold"),
                    "last": ("model", "criterion", "args", "epoch", "optimizer", "scheduler", "scaler", "best",
-                            "history"),
+                            "history", "content"),
                    "landmarks": ("model", "args", "epoch", "poses")}
 
 

@@ -106,13 +106,13 @@ def test_decode_errors_name_the_file(tmp_path):
 def test_disk_cache_round_trip(toy, tmp_path):
     cfp = data.load_cfp(toy)
     paths = cfp.paths[:10]
-    first = images.load_images(paths, 32, cache_dir=str(tmp_path))
+    first = images.load_images(paths, 32, cache_dir=str(tmp_path))[0]
     assert len(os.listdir(tmp_path)) == 1
     calls = []
     orig = images.decode_image
     images.decode_image = lambda *a: calls.append(a) or orig(*a)
     try:
-        again = images.load_images(paths, 32, cache_dir=str(tmp_path))
+        again = images.load_images(paths, 32, cache_dir=str(tmp_path))[0]
     finally:
         images.decode_image = orig
     assert calls == [] and torch.equal(first, again)
@@ -199,15 +199,15 @@ def test_disk_cache_is_invalidated_by_a_changed_image_or_size(toy, tmp_path):
     cfp = data.load_cfp(str(root))
     paths = cfp.paths[:6]
     cache = tmp_path / "cache"
-    first = images.load_images(paths, 32, cache_dir=str(cache))
+    first = images.load_images(paths, 32, cache_dir=str(cache))[0]
     Image.new("RGB", (50, 60), (255, 0, 0)).save(paths[2], "JPEG")  # the file changes: size and mtime
     os.utime(paths[2], ns=(1, 1))
-    again = images.load_images(paths, 32, cache_dir=str(cache))
+    again = images.load_images(paths, 32, cache_dir=str(cache))[0]
     assert not torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
     assert len(os.listdir(cache)) == 2
-    bigger = images.load_images(paths, 40, cache_dir=str(cache))
+    bigger = images.load_images(paths, 40, cache_dir=str(cache))[0]
     assert bigger.shape[-1] == 40 and len(os.listdir(cache)) == 3
-    images.load_images(paths, 40, cache_dir=str(cache), resize="squash")
+    images.load_images(paths, 40, cache_dir=str(cache), resize="squash")[0]
     assert len(os.listdir(cache)) == 4
 
 

@@ -406,26 +406,26 @@ def test_caches_are_optional(toy, tmp_path, monkeypatch, capsys):
     cfp = data.load_cfp(toy)
     paths = cfp.paths[:6]
     cache = tmp_path / "cache"
-    first = images.load_images(paths, 32, cache_dir=str(cache))
+    first = images.load_images(paths, 32, cache_dir=str(cache))[0]
     (name,) = os.listdir(cache)
     full = (cache / name).read_bytes()
     (cache / name).write_bytes(full[:len(full) // 2])  # truncated
     (cache / f"{name}.tmp4242").write_bytes(b"half a write")  # left by a killed run
-    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache))[0], first)
     assert "cannot be read" in capsys.readouterr().err and sorted(os.listdir(cache)) == [name]
     torch.save(torch.zeros(2, 3, 32, 32, dtype=torch.uint8), cache / name)  # wrong shape
-    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache))[0], first)
     assert "holds something else" in capsys.readouterr().err
 
     def full_disk(obj, path):
         raise utils.DiskFull(f"no space left on device while writing {path}")
     monkeypatch.setattr(images, "atomic_save", full_disk)
     (cache / name).unlink()
-    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache)), first)
+    assert torch.equal(images.load_images(paths, 32, cache_dir=str(cache))[0], first)
     assert "could not be written" in capsys.readouterr().err
     missing = [paths[1], str(tmp_path / "gone.jpg")]
     with pytest.raises(data.DataError, match="missing image .*gone.jpg"):
-        images.load_images(missing, 32, cache_dir=str(cache))
+        images.load_images(missing, 32, cache_dir=str(cache))[0]
 
 
 def test_summaries_group_by_folder_and_survive_any_content(fold3_run, tmp_path):
@@ -706,3 +706,23 @@ def test_an_exported_runs_preprocessing_says_how_to_decode_and_where_landmarks_c
     ckpt["aligner"] = {"mode": "template", "margin": 1.25, "templates": {}}
     prep = export.preprocessing(ckpt)
     assert "warped" in prep["decode"] and "landmark network" in prep["landmarks"]
+
+
+def test_a_changed_image_is_caught_by_the_cache_and_by_resume(toy, tmp_path):
+    root = tmp_path / "toy"
+    shutil.copytree(toy, root)
+    cfp = data.load_cfp(str(root))
+    sizes = [os.path.getsize(p) for p in cfp.paths]
+    i, j = next((i, j) for i in range(len(sizes)) for j in range(i + 1, len(sizes)) if sizes[i] == sizes[j])
+    out = tmp_path / "run"
+    train.main(smoke_args(root, out, "--epochs", "1", "--cache-dir", tmp_path / "cache"))
+    few = [cfp.paths[i], cfp.paths[j]]
+    first, content = images.load_images(few, 32, cache_dir=str(tmp_path / "cache2"))
+    st = os.stat(few[0])
+    body = open(few[1], "rb").read()
+    open(few[0], "wb").write(body)  # another image of the same size in its place, with its times (`cp -p`)
+    os.utime(few[0], ns=(st.st_atime_ns, st.st_mtime_ns))
+    again, changed = images.load_images(few, 32, cache_dir=str(tmp_path / "cache2"))
+    assert changed != content and torch.equal(again[0], again[1]) and not torch.equal(first[0], again[0])
+    with pytest.raises(UserError, match="contents changed"):
+        train.main(smoke_args(root, out, "--epochs", "2", "--resume", "--cache-dir", tmp_path / "cache"))
