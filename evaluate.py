@@ -560,8 +560,8 @@ def evaluate_held_out(args, v):
 def cfp_training_images(a, cfp):
     """Why a run's network has seen CFP's people (a sentence), or None: trained on a CFP-layout root, or on
     identity folders whose images are CFP's own files (linked or copied there)."""
-    if not a["eval_root"] and not os.path.isdir(a["data_root"]):
-        return f"its training data {a['data_root']} is not there to show it is not CFP"
+    if not os.path.isdir(a["data_root"]):
+        return f"its training data {a['data_root']} is gone, so nothing shows it holds none of these images"
     ds = load_dataset(a["data_root"])
     if ds.layout == "cfp":
         return f"it trained on the CFP-layout dataset {a['data_root']} (folds " \

@@ -253,8 +253,8 @@ class ImageBank:
         if mapped and not cache_dir:
             raise DataError(f"--img-size {size}: the decoded images would need {need / 2**30:.1f} GiB "
                             f"({len(self.indices)} x 3 x {size} x {size} bytes), more than half this machine's "
-                            f"memory ({budget / 2**30:.1f} GiB); give --cache-dir DIR to keep them in a "
-                            f"memory-mapped file there, or choose a smaller --img-size")
+                            f"memory ({budget / 2**30:.1f} GiB); give --cache-dir DIR, a folder this run can write, "
+                            f"to keep them in a memory-mapped file there, or choose a smaller --img-size")
         matrices = None
         if aligner is not None:  # each face warped by its own landmarks (align.py)
             if cfp.landmarks is None or np.isnan(cfp.landmarks[self.indices]).any():

@@ -319,7 +319,8 @@ def setup(args, device, log):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if args.cache_dir and not writable_dir(args.cache_dir):
-        log(f"warning: --cache-dir {args.cache_dir} cannot be written: decoding without a disk cache")
+        log(f"warning: --cache-dir {args.cache_dir} cannot be written: decoding without a disk cache (a set larger "
+            f"than half this machine's memory then has nowhere to go)")
         args.cache_dir = ""
     dtype = amp_dtype(device) if args.amp else None
     if args.amp and dtype is None:

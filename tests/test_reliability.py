@@ -726,3 +726,14 @@ def test_a_changed_image_is_caught_by_the_cache_and_by_resume(toy, tmp_path):
     assert changed != content and torch.equal(again[0], again[1]) and not torch.equal(first[0], again[0])
     with pytest.raises(UserError, match="contents changed"):
         train.main(smoke_args(root, out, "--epochs", "2", "--resume", "--cache-dir", tmp_path / "cache"))
+
+
+def test_a_benchmark_of_a_run_whose_training_data_is_gone_says_so(tmp_path, toy):
+    from toy import make_toy_folders
+    make_toy_folders(str(tmp_path / "faces"), num_ids=24, per_id=6, size_range=(30, 50))
+    out = tmp_path / "run"
+    train.main(smoke_args(tmp_path / "faces", out, "--loss", "arcface", "--epochs", "1", "--eval-root", toy))
+    shutil.rmtree(tmp_path / "faces")
+    r = cli(evaluate, out, "--benchmark", "cfp", "--data-root", toy)
+    assert r.returncode == 2 and one_line(r.stderr) and "training data" in r.stderr and "is gone" in r.stderr
+    assert "--data-root" not in r.stderr
