@@ -35,7 +35,7 @@ from align import Aligner
 from data import (KINDS, NUM_FOLDS, cfp_place, join, landmarks_of_photo, load_cfp, load_dataset, read_pair_file,
                   split_folds)
 from faces import FaceFinder, align_photos, prepare
-from images import ImageBank, decode_image, open_image, preprocess
+from images import ImageBank, decode_image, file_thumbprints, open_image, preprocess, same_pictures
 from metrics import accuracy, best_threshold, report, thresholds_by_kind, verification_metrics
 from models import build_model, pair_score
 from plots import plot_pair
@@ -575,7 +575,11 @@ def cfp_training_images(a, cfp):
     copied_sizes = {os.path.getsize(p) for p in copied}
     digests = {file_digest(p) for p in cfp.paths if os.path.getsize(p) in copied_sizes}
     same = sum(file_digest(p) in digests for p in copied)
-    return f"{same} of its {len(ds.paths)} training images are copies of {cfp.root}'s" if same else None
+    if same:
+        return f"{same} of its {len(ds.paths)} training images are copies of {cfp.root}'s"
+    same = {i for i, _ in same_pictures(file_thumbprints(ds.paths), file_thumbprints(cfp.paths))}
+    return f"{len(same)} of its {len(ds.paths)} training images are {cfp.root}'s, decoded (re-encoded copies)" \
+        if same else None
 
 
 def file_digest(path):

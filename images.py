@@ -356,3 +356,29 @@ def color_jitter(x, max_color=0.3, p_gray=0.2):
     x = (x - gray) * factors[2] + gray                                           # saturation
     x = x * (1 - gray_p) + gray * gray_p
     return x.clamp(0, 1)
+
+
+def thumbprints(x):
+    """uint8 (N, 3, H, W) pictures -> 32-byte prints: their grey 16 x 16 above its median. Two decodings of one
+    photo (a link, a copy under another name, a lossless re-encoding) print alike; different photos do not."""
+    grey = F.adaptive_avg_pool2d(x.float().mean(1, keepdim=True), 16).flatten(1)               # (N, 256)
+    bits = (grey > grey.median(1, keepdim=True).values).cpu().numpy()
+    return [row.tobytes() for row in np.packbits(bits, axis=1)]
+
+
+def file_thumbprints(paths, workers=2, size=64):
+    """The thumbprints of image files decoded whole at full resolution (no JPEG draft), padded to a square."""
+    def one(p):
+        return torch.from_numpy(np.asarray(to_square(open_image(p), size, "pad")).copy()).permute(2, 0, 1)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        decoded = list(pool.map(one, paths))
+    return thumbprints(torch.stack(decoded)) if decoded else []
+
+
+def same_pictures(a, b):
+    """(i, j) for every print a[i] equal to a print b[j]."""
+    where = {}
+    for j, p in enumerate(b):
+        where.setdefault(p, []).append(j)
+    return [(i, j) for i, p in enumerate(a) for j in where.get(p, [])]
+

@@ -25,7 +25,7 @@ from align import ALIGN_MODES, Aligner
 from data import KINDS, IdentityPairSet, ImageSet, PairSet, dataset_label, split, split_folds, write_pair_file
 from evaluate import EVAL_BATCH, evaluate, write_scores
 from faces import prepare
-from images import RESIZE_MODES, ImageBank, preprocess
+from images import RESIZE_MODES, ImageBank, preprocess, same_pictures, thumbprints
 from losses import ARCH_LOSSES, LOSSES, Objective, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
@@ -359,6 +359,8 @@ def prepare_data(run, resume):
     t = time.time()
     run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
                          run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
+    if args.eval_root:  # the evaluation's images under other names among the training folders' images
+        check_not_seen(run.bank, train_images, needed[len(train_images):], cfp, args)
     if resume and resume["content"] != run.bank.content:
         raise UserError(f"--resume: the images in {args.data_root} are not those {args.out} was trained on (their "
                         f"contents changed); put them back, or start again with --overwrite")
@@ -373,6 +375,20 @@ def prepare_data(run, resume):
         f"{len(run.val_pairs[0])} validation pairs {folds['val']}, {len(run.test_pairs[0])} test pairs "
         f"{folds['test']}; {len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in "
         f"{time.time() - t:.1f}s")
+
+
+def check_not_seen(bank, train_images, held_out, cfp, args, chunk=4096):
+    """Refuse a training image that is a validation or test image of --eval-root under another name: the same
+    decoded pixels (a link or a renamed copy)."""
+    held_out = np.unique(held_out)
+    prints = thumbprints(bank[held_out])
+    same = [(train_images[k + i], held_out[j]) for k in range(0, len(train_images), chunk)
+            for i, j in same_pictures(thumbprints(bank[train_images[k:k + chunk]]), prints)]
+    if same:
+        a, b = same[0]
+        raise UserError(f"{len(same)} training images of {args.data_root} are validation or test images of --eval-root "
+                        f"{args.eval_root} (the same pixels), e.g. {cfp.paths[a]} = {cfp.paths[b]}: the test would not "
+                        f"be held out")
 
 
 def build_aligner(args, cfp, train_images, resume=None):

@@ -737,3 +737,23 @@ def test_a_benchmark_of_a_run_whose_training_data_is_gone_says_so(tmp_path, toy)
     r = cli(evaluate, out, "--benchmark", "cfp", "--data-root", toy)
     assert r.returncode == 2 and one_line(r.stderr) and "training data" in r.stderr and "is gone" in r.stderr
     assert "--data-root" not in r.stderr
+
+
+def test_evaluation_images_under_other_names_or_re_encoded_are_caught(toy, tmp_path):
+    linked = tmp_path / "linked"
+    data.to_folders(toy, str(linked))  # every fold, the test folds' people included
+    for k, d in enumerate(sorted(linked.iterdir())):
+        d.rename(linked / f"person{k:03d}")  # other names
+    with pytest.raises(UserError, match=r"training images of .* are validation or test images of --eval-root"):
+        train.main(smoke_args(linked, tmp_path / "run", "--loss", "arcface", "--epochs", "1", "--eval-root", toy))
+    assert not (tmp_path / "run").exists()
+    cfp = data.load_cfp(toy)
+    pngs = tmp_path / "pngs"
+    for i in cfp.images_of([9, 10]).tolist() + list(range(0, len(cfp.paths), 7)):
+        d = pngs / f"id{cfp.identity[i]:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.open(cfp.paths[i]).convert("RGB").save(d / f"{i}.png")  # re-encoded: other bytes, the same pixels
+    out = tmp_path / "pngrun"
+    train.main(smoke_args(pngs, out, "--loss", "arcface", "--epochs", "1"))
+    r = cli(evaluate, out, "--benchmark", "cfp", "--data-root", toy)
+    assert r.returncode == 2 and one_line(r.stderr) and "re-encoded copies" in r.stderr
