@@ -163,3 +163,11 @@ def test_any_utf8_folder_name_trains_evaluates_and_resumes_and_other_bytes_are_r
                      "--img-size", "32", "--loss", "arcface"])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not UTF-8" in r.stderr and "bad" in r.stderr
     assert not (tmp_path / "r2").exists()
+
+
+def test_too_few_identities_for_pairs_names_the_folder(tmp_path):
+    root = tmp_path / "faces"
+    make_toy_folders(str(root), num_ids=3, per_id=2, size_range=(30, 50))
+    ds = data.load_dataset(str(root))
+    with pytest.raises(data.DataError, match=rf"{root}: --pairs-from identities needs 2\+ identities"):
+        data.IdentityPairSet(ds, images=np.flatnonzero(ds.identity == 0))

@@ -105,6 +105,8 @@ def test_the_landmark_network_trains_and_reports(lm_run):
     assert 0 <= m["background_alone"]["found"] <= 1 and m["background_alone"]["pictures"] == m["test"]["images"]
     for f in ("config.json", "history.csv", "log.txt", "curves.png", "landmarks.png", "best.pt"):
         assert (lm_run / f).exists(), f
+    assert m["test_minutes"] > 0 and f"{m['test_minutes']:.1f} of testing" in (lm_run / "log.txt").read_text()
+    assert json.loads((lm_run / "config.json").read_text())["git"] is not None  # the commit, as train.py records
     r = cli(landmarks, "--data-root", "x", "--out", lm_run)
     assert r.returncode == 2 and "already holds a landmark network" in r.stderr
     net = LandmarkNet(32)
@@ -177,6 +179,8 @@ def test_training_on_a_dataset_without_landmark_files(lm_run, toy, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert args.align == "template" and config["landmarks"]["source"] == "predicted"
     assert config["landmarks"]["sha1"] == faces.FaceFinder.load(str(lm_run)).source["sha1"]
+    placing = [line for line in (out / "log.txt").read_text().splitlines() if " images placed, " in line]
+    assert placing and placing[-1].startswith(f"landmarks: {len(data.load_cfp(toy).paths)}/") and " eta " in placing[-1]
     # evaluated on the same dataset, the run finds its faces with the network it was trained with
     r = cli(evaluate, out, "--folds", "9", "--json", tmp_path / "e.json")
     assert r.returncode == 0, r.stderr
