@@ -12,7 +12,7 @@ From Python, a run is a Verifier:
 
     from evaluate import Verifier
     v = Verifier("runs/t2")                         # landmark_net="runs/landmarks" for photos of any kind
-    same, score, threshold = v.verify("a.jpg", "b.jpg")
+    same, score, threshold, kind = v.verify("a.jpg", "b.jpg")   # kind: FF or FP, by the photos' poses
 """
 import argparse
 import csv
@@ -175,7 +175,7 @@ class Verifier:
 
         v = Verifier("runs/t2", landmark_net="runs/landmarks")   # the network is optional for CFP's photos
         features = v.embed(["a.jpg", "b.jpg"])                   # (2, D), as the run embeds its test faces
-        same, score, threshold = v.verify("a.jpg", "b.jpg", kind="FP")
+        same, score, threshold, kind = v.verify("a.jpg", "b.jpg")   # or kind="FF", "FP", "all"
 
     A photo is read as the run's network saw its test faces: aligned by its landmarks (its CFP landmark file,
     else, or with predicted=True always, the landmark network's) or resized whole. Scores equal the run's
