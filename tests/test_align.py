@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import align
+import check
 import data
 import evaluate
 import images
@@ -148,7 +149,7 @@ def test_check_counts_landmarks_and_names_points_outside(toy_lm, tmp_path):
     shutil.copytree(toy_lm, copy)
     f = copy / "Data/Fiducials/004/profile/02.txt"
     f.write_text("-5,3\n" + "".join(f.read_text().splitlines(True)[1:]))
-    r = cli(data, "--check", copy)
+    r = cli(check, copy)
     assert r.returncode == 0, r.stderr
     assert f"landmarks    {20 * 14} landmark files read" in r.stdout
     assert "1 images have landmarks outside the picture" in r.stdout and "004/profile/02.jpg (1)" in r.stdout

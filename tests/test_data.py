@@ -164,7 +164,7 @@ def test_augment_rotates_within_20_degrees():
 
 
 def test_check_cli_reports_summary_and_truncated_image(toy, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "data.py"), "--check"]
+    cmd = [sys.executable, os.path.join(ROOT, "check.py")]
     ok = subprocess.run(cmd + [toy], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "identities   20" in ok.stdout and "200 frontal, 80 profile" in ok.stdout

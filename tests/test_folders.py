@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import check
 import data
 import evaluate
 import images
@@ -75,7 +76,7 @@ def test_pair_file_errors_name_the_line(folders, tmp_path):
 
 def test_eval_root_trains_on_folders_and_the_benchmark_refuses_cfp_people(toy, tmp_path):
     linked = tmp_path / "linked"
-    data.to_folders(toy, str(linked), [1, 2, 3, 4, 5, 6])
+    check.to_folders(toy, str(linked), [1, 2, 3, 4, 5, 6])
     out = tmp_path / "run"
     metrics = train.main(smoke_args(linked, out, "--eval-root", toy, "--loss", "arcface", "--epochs", "1"))
     assert set(metrics["test"]) == {"all", "FF", "FP"}  # CFP's own test folds, FF and FP at their thresholds

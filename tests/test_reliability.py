@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import check
 import data
 import evaluate
 import images
@@ -194,7 +195,7 @@ def test_check_reports_duplicate_and_self_pairs(toy, tmp_path):
     diff.write_text("\n".join(lines + [lines[0]]) + "\n")
     same = root / "Protocol/Split/FF/05/same.txt"  # an image with itself: the same identity, so in same.txt
     same.write_text(same.read_text() + "81,81\n")
-    r = cli(data, "--check", root)
+    r = cli(check, root)
     assert r.returncode == 0, r.stderr
     assert "warning: fold 05 FF: 1 pairs of an image with itself" in r.stdout
     assert "warning: fold 05 FF: 1 duplicate pairs" in r.stdout
@@ -224,7 +225,7 @@ def test_symlinked_data_folder_is_accepted(toy, tmp_path):
     shutil.copytree(os.path.join(toy, "Data"), elsewhere / "Data")
     shutil.copytree(os.path.join(toy, "Protocol"), root / "Protocol")
     (root / "Data").symlink_to(elsewhere / "Data")
-    r = cli(data, "--check", root)
+    r = cli(check, root)
     assert r.returncode == 0, r.stderr
     (root / "Protocol" / "Pair_list_P.txt").write_text("1 ../../../etc/passwd\n")
     with pytest.raises(data.DataError, match="outside the dataset root"):
@@ -485,7 +486,7 @@ def test_check_reports_every_bad_image_empty_folds_and_contradicting_pairs(toy, 
     i, j = same.read_text().splitlines()[0].split(",")
     diff = root / "Protocol/Split/FF/02/diff.txt"
     diff.write_text(f"{i},{j}\n" + diff.read_text())  # a same pair listed as different
-    r = cli(data, "--check", root)
+    r = cli(check, root)
     assert r.returncode == 2
     assert "013/profile/03.jpg" in r.stdout and "002/frontal/01.jpg" in r.stdout  # both, not the first only
     assert "fold 07 FP has no pairs" in r.stdout and "fold 02 FF: 1 lines of diff.txt pairs an identity" in r.stdout
@@ -693,7 +694,7 @@ def test_check_counts_empty_identity_folders(toy, tmp_path):
     from toy import make_toy_folders
     make_toy_folders(str(tmp_path / "faces"), num_ids=3, per_id=4, size_range=(30, 50))
     (tmp_path / "faces" / "zz_empty").mkdir()
-    r = cli(data, "--check", tmp_path / "faces")
+    r = cli(check, tmp_path / "faces")
     assert r.returncode == 0, r.stderr
     assert "identities   4 (3 with 2+ images)" in r.stdout and "(0-4 per identity" in r.stdout
 
@@ -741,7 +742,7 @@ def test_a_benchmark_of_a_run_whose_training_data_is_gone_says_so(tmp_path, toy)
 
 def test_evaluation_images_under_other_names_or_re_encoded_are_caught(toy, tmp_path):
     linked = tmp_path / "linked"
-    data.to_folders(toy, str(linked))  # every fold, the test folds' people included
+    check.to_folders(toy, str(linked))  # every fold, the test folds' people included
     for k, d in enumerate(sorted(linked.iterdir())):
         d.rename(linked / f"person{k:03d}")  # other names
     with pytest.raises(UserError, match=r"training images of .* are validation or test images of --eval-root"):
