@@ -459,6 +459,7 @@ def build_optimizer(args, modules):
 def restore(run, resume):
     """Where training starts: epoch 0, or the state of last.pt (model, loss, optimizer, schedule, scaler)."""
     run.epoch, run.history, run.best, run.steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
+    run.step = 0  # optimizer steps so far, for the per-step curve
     if not resume:
         return
     args, path = run.args, os.path.join(run.args.out, "last.pt")
@@ -468,6 +469,7 @@ def restore(run, resume):
     run.scheduler.load_state_dict(resume["scheduler"])
     run.scaler.load_state_dict(resume["scaler"])
     run.epoch = run.saved = resume["epoch"]
+    run.step = run.epoch * run.steps_per_epoch
     run.history, run.best, run.steps = resume["history"], resume["best"], resume["steps"]
     if args.lr != resume["args"]["lr"]:  # an explicit new --lr wins over the saved one
         run.scheduler.base_lrs = [args.lr for _ in run.scheduler.base_lrs]
@@ -567,7 +569,7 @@ def train_one_epoch(run, epoch):
         run.scaler.step(run.optimizer)  # fp16: a step whose gradients overflowed is skipped and the scale lowered
         run.scaler.update()
         run.scheduler.step()
-        run.step = getattr(run, "step", run.epoch * run.steps_per_epoch) + 1
+        run.step += 1
         if meter.update(loss_value, sum(x.shape[0] for x in inputs) * run.world, run.scheduler.get_last_lr()[0]):
             run.steps.append([run.step, round(loss_value, 5), run.scheduler.get_last_lr()[0]])
         elif meter.skipped > 100:
