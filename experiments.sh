@@ -32,6 +32,8 @@ cost() {  # the training minutes of the runs in results/ (epochs only, not the f
         aligned) echo "22 min (one thread, another run beside it): results/cfp-seed/r18_arcface_64px_template_s8" ;;
         clutter) echo "12 min (one thread, another run beside it): results/cfp-seed/*_clutter05" ;;
         10fold-aligned) echo "12 to 25 min a fold (two threads alone, or one beside another run): results/cfp-10fold" ;;
+        recipe) echo "36 to 54 min (one thread, another run beside it): results/cfp-seed/r18_arcface_96px_template_s8_nomaxpool*" ;;
+        10fold-recipe) echo "an estimate from the seed split (1.5 times its training set): about 60 min a fold (one thread, another run beside it): results/cfp-10fold/*_nomaxpool_fold*" ;;
         10fold-r18) echo "about 10 min a fold (one thread): results/cfp-10fold/r18_arcface_64px_fold*" ;;
         scratch-r18) echo "10 min (one thread): results/cfp-seed/r18_arcface_64px_squash_dropout06" ;;
         landmarks) echo "9 min (two threads, alone): results/landmarks/jitter02_timed" ;;
@@ -243,6 +245,13 @@ run aligned python train.py --out runs/aligned/r18_arcface_64px_template_s8 --ar
 run clutter python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5
 # 10fold-aligned: CFP's ten folds with the same recipe (results/cfp-10fold/r18_arcface_64px_template_s8_fold*)
 tenfold 10fold-aligned python train.py --out runs/10fold/r18_arcface_64px_template_s8_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
+
+# The recipe: the aligned recipe at 96 px with the stem's max-pool left out (feature maps twice as fine), chosen on
+# validation over two seeds (results/cfp-seed/about.md: val 0.855 against 0.846)
+# recipe: faces aligned by their landmarks, ResNet18 from random init at 96 px without the stem's max-pool, ArcFace s 8
+run recipe python train.py --out runs/aligned/r18_arcface_96px_template_s8_nomaxpool --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 96 --no-maxpool --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
+# 10fold-recipe: CFP's ten folds with that recipe (results/cfp-10fold/r18_arcface_96px_template_s8_nomaxpool_fold*)
+tenfold 10fold-recipe python train.py --out runs/10fold/r18_arcface_96px_template_s8_nomaxpool_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 96 --no-maxpool --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
 
 # ---- Photos without landmark files (README: "Your own photos") ----
 # The landmark network, learned from the seed split's training identities (results/landmarks/jitter02_timed:
