@@ -18,7 +18,7 @@ from PIL import Image
 
 from align import ALIGN_MODES, Aligner
 from data import PairSet, load_cfp, split_folds
-from evaluate import evaluate, extract
+from verify import evaluate, extract
 from images import ImageBank, decode_image, preprocess
 from losses import Objective, build_loss
 from models import BACKBONES, build_model, pair_score
@@ -40,7 +40,7 @@ def get_args_parser():
     p.add_argument("--eval-images", type=int, default=512, help="images embedded for (c) (default: 512)")
     p.add_argument("--eval-folds", type=int, nargs="+", default=None,
                    help="also time evaluation of these folds' FF and FP pairs, decoding included: embed-once "
-                        "(evaluate.py) against embedding both images of every pair (default: off)")
+                        "(verify.py) against embedding both images of every pair (default: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision as train.py --amp (bf16 autocast on GPUs and on CPUs with AVX-512-BF16 or "
                         "AMX), timed beside fp32 (default: off)")

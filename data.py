@@ -11,8 +11,7 @@ Any other face dataset trains in torchvision's ImageFolder layout, one folder pe
 
     ROOT/IDENTITY/**/NAME.{jpg,jpeg,png,bmp,webp}        (no Protocol/ folder; pose and landmarks unknown)
 
-The pixels (decoding, the uint8 bank, augmentation, normalisation) are images.py's; check.py checks a dataset
-folder and lays CFP's images out as identity folders.
+The pixels (decoding, the uint8 bank, augmentation, normalisation) are images.py's.
 """
 import hashlib
 import json
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 from align import NUM_POINTS
-from images import warn
+from images import same_pictures, thumbprints, warn
 from utils import DataError, UserError, atomic_write, quote
 
 KINDS = ("FF", "FP")
@@ -369,6 +368,20 @@ def check_held_out(cfp, folds, train_images, val, test):
         raise UserError(f"{cfp.root}: validation folds {folds['val']} hold no pairs")
 
 
+def check_not_seen(bank, train_images, held_out, cfp, data_root, eval_root, chunk=4096):
+    """Refuse a training image that is a validation or test image of --eval-root under another name: the same
+    decoded pixels (a link or a renamed copy)."""
+    held_out = np.unique(held_out)
+    prints = thumbprints(bank[held_out])
+    same = [(train_images[k + i], held_out[j]) for k in range(0, len(train_images), chunk)
+            for i, j in same_pictures(thumbprints(bank[train_images[k:k + chunk]]), prints)]
+    if same:
+        a, b = same[0]
+        raise UserError(f"{len(same)} training images of {data_root} are validation or test images of --eval-root "
+                        f"{eval_root} (the same pixels), e.g. {cfp.paths[a]} = {cfp.paths[b]}: the test would not "
+                        f"be held out")
+
+
 def write_pair_file(path, ds, pairs):
     """The run's own held-out pairs, one JSON list [A, B, SAME] a line, A and B relative to the dataset root:
     any file name round-trips, commas, spaces and line breaks included."""
@@ -473,3 +486,15 @@ class ImageSet:
 
     def batch(self, bank, idx, swap=False):
         return (bank[self.indices[idx]],), self.labels[idx]
+
+
+def training_set(sampling, pairs_from, cfp, folds, train_images):
+    """Images with identity labels (margin losses), or pairs: fresh from the identities, or the protocol's."""
+    if sampling == "images":
+        return ImageSet(train_images, cfp.identity)
+    if pairs_from == "identities":
+        return IdentityPairSet(cfp, folds["train"]) if cfp.layout == "cfp" else \
+            IdentityPairSet(cfp, images=train_images)
+    if cfp.layout == "folders":
+        raise UserError("--pairs-from protocol: an identity-folder dataset has no protocol pairs; use identities")
+    return PairSet(cfp.pairs(folds["train"])[0])

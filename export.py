@@ -100,7 +100,7 @@ def export_run(model, ckpt, run, path):
         if diff > 1e-4:
             raise UserError(f"--export: the exported embedder differs from the network by {diff:.2e}; not written")
         os.replace(tmp, path)
-    finally:  # also on Ctrl-C and SIGTERM (evaluate.py turns it into one): no half-written file is left
+    finally:  # also on Ctrl-C and SIGTERM (run_cli turns it into one): no half-written file is left
         if os.path.exists(tmp):
             os.remove(tmp)
     print(f"wrote {path}: {prep['img_size']}px {prep['input']}; float32, max difference from the network "

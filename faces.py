@@ -206,3 +206,23 @@ def align_photos(cfp, indices, finder, aligner, size, chunk=64):
     source = {"source": "predicted", **finder.source} if finder is not None else {"source": "given"}
     return out, {**source, "found": float(np.mean(found)),
                  "found_at_its_place": float(np.mean(located)) if given else None}
+
+
+def build_aligner(args, cfp, train_images, resume=None):
+    """--align resolved against the dataset, and the Aligner it asks for (None for --align none). Template
+    alignment takes its templates from the training faces (or, resuming, from the checkpoint)."""
+    missing = cfp.landmarks is None or np.isnan(cfp.landmarks).any()
+    if args.align is None:
+        args.align = "template" if not missing or args.landmark_net else "none"
+    if args.align == "none":
+        return None
+    if missing:
+        raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files for some "
+                        f"or all of its images; use --align none, or --landmark-net RUN to predict them")
+    if resume and resume["aligner"]:
+        return align.Aligner(**resume["aligner"])
+    try:
+        return align.Aligner.fit(args.align, cfp.landmarks[train_images], cfp.profile[train_images])
+    except ValueError as e:  # a template needs faces of its pose among the training images
+        raise UserError(f"--align {args.align}: {e} among the training images of {args.data_root}; "
+                        f"use --align box") from None

@@ -382,3 +382,10 @@ def same_pictures(a, b):
         where.setdefault(p, []).append(j)
     return [(i, j) for i, p in enumerate(a) for j in where.get(p, [])]
 
+
+def writable_dir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)

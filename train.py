@@ -5,13 +5,8 @@
     torchrun --nproc_per_node 2 train.py ...   (DistributedDataParallel; same flags)
 """
 import argparse
-import contextlib
-import json
 import math
 import os
-import shlex
-import signal
-import sys
 import time
 from types import SimpleNamespace
 
@@ -21,30 +16,23 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
-from align import ALIGN_MODES, Aligner
-from data import KINDS, IdentityPairSet, ImageSet, PairSet, dataset_label, split, split_folds, write_pair_file
-from evaluate import EVAL_BATCH, evaluate, write_scores
-from faces import prepare
-from images import RESIZE_MODES, ImageBank, preprocess, same_pictures, thumbprints
+from align import ALIGN_MODES
+from data import KINDS, IdentityPairSet, check_not_seen, split, split_folds, training_set
+from faces import build_aligner, prepare
+from images import RESIZE_MODES, ImageBank, preprocess, writable_dir
 from losses import ARCH_LOSSES, LOSSES, Objective, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
-from plots import import_pyplot, plot_curves, plot_errors, plot_inputs, plot_roc
+from plots import import_pyplot, plot_curves, plot_errors, plot_roc
+from runs import (SELECTED_BY, Interrupted, RunLock, continue_advice, open_run, record_run, saved_on_interrupt,
+                  view_name, write_scores)
 from toy import make_toy
-from utils import (DiskFull, Logger, Progress, RunLock, UserError, all_reduce_mean, amp_autocast, amp_dtype,
-                   atomic_save, channels_last, git_state, hms, init_distributed, load_checkpoint, load_weights,
-                   lr_lambda, run_cli, write_history, write_json)
+from utils import (Logger, Progress, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, channels_last,
+                   hms, init_distributed, load_checkpoint, load_weights, lr_lambda, run_cli, write_history,
+                   write_json)
+from verify import EVAL_BATCH, evaluate
 
-RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
-             "test_scores.csv", "errors.png", "inputs.png", "pairs_val.txt", "pairs_test.txt", "git.diff")
-# A checkpoint is only usable with the flags that shaped its network and loss ...
-MODEL_KEYS = ("arch", "variation", "loss", "backbone", "maxpool", "img_size")
-# ... and a resumed run is the same run only with the same data, objective and optimisation.
-RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "pairs_from", "resize", "align", "landmark_net",
-                         "predict_landmarks", "augment", "clutter", "margin", "scale", "freeze", "dropout",
-                         "optimizer", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 MARGIN_DROPOUT = 0.6  # the study's choice for arcface/cosface (results/cfp-seed: validation 0.785 -> 0.813)
-SELECTED_BY = "val_acc: accuracy of all validation pairs (FF and FP together) at one threshold"
 PRINT_FREQ = 50       # steps between progress lines; a line also comes every 10 s
 
 
@@ -59,8 +47,7 @@ def get_args_parser():
     g.add_argument("--weight-decay", type=float, default=5e-4,
                    help="weight decay of weight matrices and kernels, not of BatchNorm and biases (default: 5e-4)")
     g.add_argument("--schedule", type=str, default="cosine", choices=["none", "cosine", "step"],
-                   help="learning-rate schedule after warmup: constant, cosine to 0, or x0.1 at 1/2 and "
-                        "3/4 of training (default: cosine)")
+                   help="after warmup: constant, cosine to 0, or x0.1 at 1/2 and 3/4 of training (default: cosine)")
     g.add_argument("--warmup-epochs", type=float, default=1.0,
                    help="linear warmup from 0, in epochs; helps random-init and margin losses (default: 1)")
     g.add_argument("--epochs", type=int, default=14, help="training epochs (default: 14)")
@@ -72,8 +59,8 @@ def get_args_parser():
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     g.add_argument("--seed", type=int, default=0, help="random seed; CPU runs repeat bit for bit (default: 0)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="mixed precision: bf16 autocast on GPUs and CPUs that support it (fp16 with loss "
-                        "scaling on older GPUs; fp32, with a warning, on CPUs without bf16) (default: off)")
+                   help="bf16 autocast where the GPU or CPU has it (fp16 with loss scaling on older GPUs; fp32, "
+                        "with a warning, on CPUs without bf16) (default: off)")
     return p
 
 
@@ -89,15 +76,14 @@ def add_model_args(g):
     g.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ImageNet weights (default: on); --no-pretrained for random init")
     g.add_argument("--freeze", type=float, default=0.0,
-                   help="freeze the first fraction of the backbone's layers, in [0, 1); 0.5 = the seed's "
-                        "'fine-tune half' (default: 0)")
+                   help="freeze this first fraction of the backbone's layers; 0.5: the seed's half (default: 0)")
     g.add_argument("--margin", type=float, default=None,
                    help="loss margin (default: cosine 0.5, arcface 0.3, cosface 0.35)")
     g.add_argument("--scale", type=float, default=None,
                    help="arcface/cosface logit scale s (default: 32; the papers' 64 suits many more classes)")
     g.add_argument("--maxpool", action=argparse.BooleanOptionalAction, default=True,
-                   help="ResNets: keep the stem's max-pool (torchvision); --no-maxpool halves the stride once, so "
-                        "a 64 px face ends as a 4x4 map instead of 2x2, at about 4x the compute (default: on)")
+                   help="ResNets: the stem's max-pool; --no-maxpool doubles the final map's side at about 4x the "
+                        "compute (default: on)")
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout on the backbone's feature, before the embedding layer (default: arcface and "
                         f"cosface {MARGIN_DROPOUT}, the pair losses 0)")
@@ -109,8 +95,8 @@ def add_data_args(g):
                         "(ROOT/IDENTITY/*.jpg, told apart by the layout) (default: $CFP_ROOT, else ./cfp-dataset); "
                         "a folder named toy that does not exist yet is written first with the synthetic toy dataset")
     g.add_argument("--eval-root", type=str, default="", metavar="CFP_ROOT",
-                   help="identity-folder --data-root: validate and test on this CFP root's folds of --protocol "
-                        "(default: pairs drawn once from held-out identities, saved in the run folder)")
+                   help="identity folders: validate and test on this CFP root's folds of --protocol (default: "
+                        "pairs of held-out identities, saved in the run folder)")
     g.add_argument("--protocol", type=str, default="seed", choices=["seed", "10fold"],
                    help="seed: folds 1-6 train, 7-8 val, 9-10 test; 10fold: test --test-fold K, "
                         "validate on K+1, train on the other 8 (default: seed)")
@@ -125,25 +111,23 @@ def add_data_args(g):
                         "to face right; box = a square around the landmarks; none = the whole image by --resize "
                         "(default: template when the dataset has Data/Fiducials, else none)")
     g.add_argument("--landmark-net", type=str, default="", metavar="RUN",
-                   help="for images without a landmark file: a landmark network (landmarks.py) that places their "
-                        "landmarks once, before training, so that faces can be aligned (default: none)")
+                   help="a landmark network (landmarks.py) that places the landmarks of images without a landmark "
+                        "file, once, before training (default: none)")
     g.add_argument("--predict-landmarks", action="store_true",
-                   help="with --landmark-net: every image's landmarks from the network, its landmark file ignored, "
-                        "so that training aligns faces as photos without files are aligned (default: off)")
+                   help="with --landmark-net: every image's landmarks from the network, as for photos without "
+                        "files (default: off)")
     g.add_argument("--pairs-from", type=str, default="identities", choices=["identities", "protocol"],
-                   help="pair losses: identities = fresh balanced FF/FP same/different pairs every epoch from all "
-                        "images of the training identities; protocol = the protocol's fixed pairs, as the seed "
-                        "(default: identities)")
+                   help="pair losses: fresh balanced pairs of the training identities every epoch, or the "
+                        "protocol's fixed pairs as the seed (default: identities)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip + rotation up to 20 degrees while training (default: on)")
     g.add_argument("--clutter", type=float, default=0.0, metavar="P",
-                   help="with --augment and an aligned view: in a share P of the training images, what the "
-                        "aligned square shows outside the photo (black) becomes a mosaic of other images, as "
-                        "around a face found in a larger picture (default: 0, off)")
+                   help="aligned views: in a share P of the training images, a mosaic of other images where the "
+                        "photo ends, as around a face found in a larger picture (default: 0)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
-                   help="keep decoded images on disk here, so later runs start at once; a set larger than half "
-                        "this machine's memory is kept there in a memory-mapped file (default: off)")
+                   help="keep decoded images here, so later runs start at once; a set larger than half the "
+                        "memory is memory-mapped from there (default: off)")
 
 
 def check_args(args):
@@ -260,57 +244,6 @@ def fit(args, device, rank, world):
     return metrics
 
 
-@contextlib.contextmanager
-def saved_on_interrupt(run, what="", tail=""):
-    """Ctrl-C, SIGTERM or a full disk inside the block: one line saying what is saved and how to go on."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        what = what or f"interrupted in epoch {run.saved + 1}: "
-        raise Interrupted(f"{what}{continue_advice(run.args, run.saved)}{tail}") from None
-    except DiskFull as e:
-        raise DiskFull(f"{e}; free some space, then {continue_advice(run.args, run.saved)}{tail}") from None
-
-
-def open_run(args, world):
-    """Check --out, and read and vet last.pt when resuming, before minutes are spent on data."""
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
-    if args.resume and not os.path.isfile(os.path.join(args.out, "last.pt")):
-        raise UserError(f"--resume: {args.out} has no last.pt to resume from")
-    if existing and not (args.resume or args.overwrite):
-        raise UserError(f"--out {args.out} already holds a run ({', '.join(existing)}); "
-                        f"pass --resume to continue it or --overwrite to replace it")
-    if world > 1:
-        dist.barrier()  # every rank has looked at --out before rank 0 writes into it
-    if not args.resume:
-        return None
-    resume = load_checkpoint(os.path.join(args.out, "last.pt"), kind="last")
-    for flag in ("align", "dropout"):  # not given: the run's own value
-        if getattr(args, flag) is None and flag in resume["args"]:
-            setattr(args, flag, resume["args"][flag])
-    check_compatible(resume["args"], args, os.path.join(args.out, "last.pt"), RUN_KEYS)
-    best = os.path.join(args.out, "best.pt")
-    if not os.path.exists(best) and resume["epoch"] > 0:
-        if resume["best"]["epoch"] != resume["epoch"]:
-            raise UserError(f"--resume: {best} is gone and its epoch ({resume['best']['epoch']}) cannot be rebuilt "
-                            f"from last.pt (epoch {resume['epoch']}); put it back, or start again with --overwrite")
-        keep = ("model", "criterion", "args", "epoch", "threshold", "thresholds", "val_acc", "val", "aligner",
-                "fingerprint", "content")
-        atomic_save({k: resume[k] for k in keep}, best)  # the last epoch was the best one
-    return resume
-
-
-def check_compatible(saved, args, source, keys=MODEL_KEYS):
-    """Refuse a checkpoint whose settings differ from the ones asked for, naming each difference."""
-    missing = [k for k in keys if k not in saved]
-    if missing:
-        raise UserError(f"{source} was written by an earlier version (it lacks {', '.join(missing)}): use the "
-                        f"commit named in results/STUDIES.md, or start again with --overwrite")
-    diff = [f"--{k.replace('_', '-')} {saved[k]} vs {getattr(args, k)}" for k in keys if saved[k] != getattr(args, k)]
-    if diff:
-        raise UserError(f"{source} was trained with other settings than asked for: {'; '.join(diff)}")
-
-
 def setup(args, device, log):
     """Seeds, backend flags, a usable --cache-dir; the autocast dtype (None: fp32)."""
     torch.manual_seed(args.seed)
@@ -326,14 +259,6 @@ def setup(args, device, log):
     if args.amp and dtype is None:
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
     return dtype
-
-
-def writable_dir(path):
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError:
-        return False
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
 def prepare_data(run, resume):
@@ -354,13 +279,13 @@ def prepare_data(run, resume):
                         f"files or image list differ); use the run's own --data-root, or another --out")
     cfp, run.landmarks = prepare(cfp, vars(args), log)
     run.cfp, run.train_images, run.aligner = cfp, train_images, build_aligner(args, cfp, train_images, resume)
-    run.train_set = training_set(args, cfp, run.folds, train_images)
+    run.train_set = training_set(LOSSES[args.loss].sampling, args.pairs_from, cfp, run.folds, train_images)
     needed = np.concatenate([train_images, run.val_pairs[0][:, :2].ravel(), run.test_pairs[0][:, :2].ravel()])
     t = time.time()
     run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
                          run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
     if args.eval_root:  # the evaluation's images under other names among the training folders' images
-        check_not_seen(run.bank, train_images, needed[len(train_images):], cfp, args)
+        check_not_seen(run.bank, train_images, needed[len(train_images):], cfp, args.data_root, args.eval_root)
     if resume and resume["content"] != run.bank.content:
         raise UserError(f"--resume: the images in {args.data_root} are not those {args.out} was trained on (their "
                         f"contents changed); put them back, or start again with --overwrite")
@@ -375,52 +300,6 @@ def prepare_data(run, resume):
         f"{len(run.val_pairs[0])} validation pairs {folds['val']}, {len(run.test_pairs[0])} test pairs "
         f"{folds['test']}; {len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in "
         f"{time.time() - t:.1f}s")
-
-
-def check_not_seen(bank, train_images, held_out, cfp, args, chunk=4096):
-    """Refuse a training image that is a validation or test image of --eval-root under another name: the same
-    decoded pixels (a link or a renamed copy)."""
-    held_out = np.unique(held_out)
-    prints = thumbprints(bank[held_out])
-    same = [(train_images[k + i], held_out[j]) for k in range(0, len(train_images), chunk)
-            for i, j in same_pictures(thumbprints(bank[train_images[k:k + chunk]]), prints)]
-    if same:
-        a, b = same[0]
-        raise UserError(f"{len(same)} training images of {args.data_root} are validation or test images of --eval-root "
-                        f"{args.eval_root} (the same pixels), e.g. {cfp.paths[a]} = {cfp.paths[b]}: the test would not "
-                        f"be held out")
-
-
-def build_aligner(args, cfp, train_images, resume=None):
-    """--align resolved against the dataset, and the Aligner it asks for (None for --align none). Template
-    alignment takes its templates from the training faces (or, resuming, from the checkpoint)."""
-    missing = cfp.landmarks is None or np.isnan(cfp.landmarks).any()
-    if args.align is None:
-        args.align = "template" if not missing or args.landmark_net else "none"
-    if args.align == "none":
-        return None
-    if missing:
-        raise UserError(f"--align {args.align}: {args.data_root} has no Data/Fiducials landmark files for some "
-                        f"or all of its images; use --align none, or --landmark-net RUN to predict them")
-    if resume and resume["aligner"]:
-        return Aligner(**resume["aligner"])
-    try:
-        return Aligner.fit(args.align, cfp.landmarks[train_images], cfp.profile[train_images])
-    except ValueError as e:  # a template needs faces of its pose among the training images
-        raise UserError(f"--align {args.align}: {e} among the training images of {args.data_root}; "
-                        f"use --align box") from None
-
-
-def training_set(args, cfp, folds, train_images):
-    """Images with identity labels (margin losses), or pairs: fresh from the identities, or the protocol's."""
-    if LOSSES[args.loss].sampling == "images":
-        return ImageSet(train_images, cfp.identity)
-    if args.pairs_from == "identities":
-        return IdentityPairSet(cfp, folds["train"]) if cfp.layout == "cfp" else \
-            IdentityPairSet(cfp, images=train_images)
-    if cfp.layout == "folders":
-        raise UserError("--pairs-from protocol: an identity-folder dataset has no protocol pairs; use identities")
-    return PairSet(cfp.pairs(folds["train"])[0])
 
 
 def build(run):
@@ -478,67 +357,6 @@ def restore(run, resume):
         run.log(f"--lr {args.lr:g} replaces the run's {resume['args']['lr']:g}")
     run.log(f"resumed {path}: model, loss, optimizer, scheduler and scaler state, epoch {run.epoch}, best "
             f"validation accuracy {run.best['val_acc']:.4f} (epoch {run.best['epoch']})")
-
-
-def record_run(run, resume):
-    """The run folder, written only now that every input has been read: config.json (or its resumes list),
-    log.txt from the first line on, and inputs.png."""
-    args, model = run.args, run.model
-    os.makedirs(args.out, exist_ok=True)
-    for f in RUN_FILES if args.overwrite else ("metrics.json",) if resume else ():
-        if os.path.exists(os.path.join(args.out, f)):  # replaced, or training again: no longer a finished run
-            os.remove(os.path.join(args.out, f))
-    run.log.open(os.path.join(args.out, "log.txt"))
-    built = {"network": type(model.backbone).__name__, "arch": model.arch, "loss": type(run.criterion).__name__,
-             "optimizer": type(run.optimizer).__name__, "frozen_layers": len(model.frozen),
-             "backbone_layers": model.num_layers, "params": sum(p.numel() for p in model.parameters()),
-             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-             "precision": str(run.dtype).replace("torch.", "") if run.dtype else "float32",
-             "scale": getattr(run.criterion, "scale", None), "margin": getattr(run.criterion, "margin", None)}
-    command = " ".join(shlex.quote(a) for a in ["python"] + sys.argv)
-    path = os.path.join(args.out, "config.json")
-    if not resume:
-        aligner = run.aligner and {"mode": run.aligner.mode, "margin": run.aligner.margin,
-                                   "templates_from_folds": run.folds["train"]}
-        write_json(path, {"args": vars(args), "command": command, **git_state(args.out), "torch": torch.__version__,
-                          "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
-                          "dataset": dataset_label(args.data_root), "dataset_fingerprint": run.cfp.fingerprint,
-                          "selected_by": SELECTED_BY, "built": built,
-                          "aligner": aligner, "landmarks": run.landmarks, "data": data_record(run)})
-        if run.cfp.layout == "folders" and not args.eval_root:  # the held-out pairs, for reruns and evaluate.py
-            for role, (pairs, _) in (("val", run.val_pairs), ("test", run.test_pairs)):
-                write_pair_file(os.path.join(args.out, f"pairs_{role}.txt"), run.cfp, pairs)
-    else:
-        config = read_config(path)
-        config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
-                                                 "lr": args.lr, **git_state()})
-        write_json(path, config)
-    run.log(f"{args.out}: {built}")
-    plot_inputs(run.train_set, run.bank, run.val_pairs[0], run.cfp, args, os.path.join(args.out, "inputs.png"),
-                title=f"{os.path.basename(args.out)}: what the network sees ({view_name(args)}, {args.img_size}px)")
-
-
-def read_config(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} cannot be read ({e}); the run's own record is damaged") from None
-
-
-def data_record(run):
-    """What the run trained and was tested on, for config.json."""
-    cfp, args = run.cfp, run.args
-    if cfp.layout == "cfp":
-        return {"layout": "cfp", "protocol": args.protocol, "folds": run.folds}
-    return {"layout": "identity folders", "training_identities": len(np.unique(cfp.identity[run.train_images])),
-            "evaluated_on": f"CFP root {args.eval_root}, protocol {args.protocol}" if args.eval_root else
-            "held-out identities (0.1 each for validation and test): pairs_val.txt, pairs_test.txt",
-            "folds": run.folds}
-
-
-def view_name(args):
-    return args.resize if args.align == "none" else f"{args.align}-aligned, margin 1.25"
 
 
 def train_one_epoch(run, epoch):
@@ -658,28 +476,5 @@ def test_and_report(run):
     return metrics
 
 
-class Interrupted(UserError):
-    exit_code = 130
-
-
-def continue_advice(args, last_saved):
-    if last_saved:
-        return f"epoch {last_saved} is saved; continue with: {resume_command(args)}"
-    return f"no epoch finished, nothing to continue; start again with: {resume_command(args, fresh=True)}"
-
-
-def resume_command(args, fresh=False):
-    """The command line that continues this run (or, with fresh, starts it again)."""
-    argv = [a for a in sys.argv[1:] if a not in ("--resume", "--overwrite")]
-    if "--out" not in argv:
-        argv += ["--out", args.out]
-    return " ".join(shlex.quote(a) for a in ["python", "train.py"] + argv + ["--overwrite" if fresh else "--resume"])
-
-
-def on_sigterm(signum, frame):
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, on_sigterm)
     run_cli(main, get_args_parser().parse_args())

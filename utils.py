@@ -1,14 +1,13 @@
 """Small helpers shared by the scripts: errors, atomic files, checkpoints, distributed setup."""
 import csv
 import errno
-import fcntl
-import glob
 import hashlib
 import io
 import json
 import math
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +35,9 @@ def quote(text, limit=60):
 
 
 def run_cli(main, args):
-    """A script's main(args) with bad input as one line on stderr and exit status 2 (a traceback with DEBUG=1)."""
+    """A script's main(args) with bad input as one line on stderr and exit status 2 (a traceback with DEBUG=1);
+    SIGTERM stops it as Ctrl-C does, so that it says what is saved and leaves no half-written file."""
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         main(args)
     except UserError as e:
@@ -46,6 +47,10 @@ def run_cli(main, args):
         sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def on_sigterm(signum, frame):
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------
@@ -58,7 +63,7 @@ def open_nofollow(path, mode="ab"):
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if "a" in mode else os.O_TRUNC)
     try:
         fd = os.open(path, flags, 0o644)
-    except OSError as e:
+    except OSError:
         if os.path.islink(path):
             raise UserError(f"{path} is a symbolic link: refusing to write through it") from None
         raise
@@ -185,48 +190,6 @@ def load_weights(module, state, path):
         more = " ".join(str(e).split())[len(first):][:160]
         raise UserError(f"{path}: the weights do not fit the network its settings describe ({first}{more})") from None
 
-
-class RunLock:
-    """One run per folder: an exclusive flock on FOLDER/.lock, which the kernel releases when the process
-    ends, however it ends (so a killed run leaves no stale lock)."""
-
-    def __init__(self, folder):
-        self.folder, self.file = folder, None
-        self.created = not os.path.exists(folder)
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise UserError(f"--out {folder} is a file, not a folder")
-        try:
-            os.makedirs(folder, exist_ok=True)
-            self.file = os.fdopen(os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
-                                          0o644), "a+")
-        except OSError as e:
-            if os.path.islink(os.path.join(folder, ".lock")):
-                raise UserError(f"{os.path.join(folder, '.lock')} is a symbolic link: refusing to write "
-                                f"through it") from None
-            raise UserError(f"--out {folder} cannot be written: {e.strerror}") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"--out {folder} is in use by another run ({holder}); wait for it to end or "
-                            f"choose another --out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:200]}\n")
-        self.file.flush()
-        # what a killed run was writing when it died: never read again, possibly gigabytes
-        for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # --out is a path, not a pattern
-            os.remove(tmp)
-
-    def release(self):
-        if self.file:
-            self.file.close()
-            self.file = None
-            if self.created and os.listdir(self.folder) == [".lock"]:  # nothing was written: leave no trace
-                os.remove(os.path.join(self.folder, ".lock"))
-                os.rmdir(self.folder)
 
 
 def amp_dtype(device):

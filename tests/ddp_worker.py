@@ -11,12 +11,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import images  # noqa: E402
-import evaluate  # noqa: E402
+import verify  # noqa: E402
 import train  # noqa: E402
 
 toy, out = sys.argv[1], sys.argv[2]
 rank = int(os.environ["RANK"])
-train_one_epoch, extract = train.train_one_epoch, evaluate.extract
+train_one_epoch, extract = train.train_one_epoch, verify.extract
 
 
 def state(objective):
@@ -43,7 +43,7 @@ def checked_extract(model, bank, indices, *args, **kwargs):
 
 
 train.train_one_epoch = save_weights
-evaluate.extract = checked_extract
+verify.extract = checked_extract
 images.memory_budget = lambda: 0
 train.main(train.get_args_parser().parse_args([
     "--data-root", toy, "--out", os.path.join(out, "run"), "--arch", "1", "--backbone", "resnet18",

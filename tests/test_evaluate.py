@@ -10,6 +10,8 @@ from PIL import Image
 
 import data
 import evaluate
+import runs
+import verify
 import images
 import report
 import metrics
@@ -47,24 +49,24 @@ def test_tenfold_metrics(fold3_run, toy):
 
 def test_embed_once_counts_and_flip_tta(fold3_run, toy):
     out, _ = fold3_run
-    model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(out), torch.device("cpu"))
     cfp = data.load_cfp(toy)
     pairs, _ = cfp.pairs(list(range(1, 11)))
     bank = images.ImageBank(cfp, pairs[:, :2].ravel(), ckpt["args"]["img_size"])
     calls = []
     model.backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    res = evaluate.evaluate(model, bank, pairs, batch_size=32)
+    res = verify.evaluate(model, bank, pairs, batch_size=32)
     unique = len(np.unique(pairs[:, :2]))
     assert sum(calls) == res["num_embedded"] == unique < 2 * len(pairs)
     calls.clear()
-    flip = evaluate.evaluate(model, bank, pairs, batch_size=32, tta=True)
+    flip = verify.evaluate(model, bank, pairs, batch_size=32, tta=True)
     assert sum(calls) == flip["num_embedded"] == 2 * unique
     # flip TTA: the mean of the image's and its mirror's features (the scale the head was trained on)
     idx = np.unique(pairs[:, :2])[:5]
     with torch.no_grad():
         x = images.preprocess(bank[idx])
         expected = (model(x) + model(x.flip(3))) / 2
-    assert torch.allclose(evaluate.extract(model, bank, idx, tta=True), expected, atol=1e-5)
+    assert torch.allclose(verify.extract(model, bank, idx, tta=True), expected, atol=1e-5)
     assert not torch.allclose(expected, model(x).detach(), atol=1e-3)  # the mirror does change the features
     # scores from stored features equal scoring each pair from scratch
     with torch.no_grad():
@@ -103,7 +105,7 @@ def fake_fold_run(folder, k, ff, fp, scores):
     test = {kind: {"acc": v, "auc": v - 0.05, "eer": 1 - v, "threshold": 0.3} for kind, v in (("FF", ff), ("FP", fp))}
     (folder / "metrics.json").write_text(json.dumps({"val_acc": 0.8, "test_acc": (ff + fp) / 2, "best_epoch": 5,
                                                      "steps": 100, "test": {"all": {"acc": 0.8}, **test}}))
-    evaluate.write_scores(str(folder / "test_scores.csv"), *scores)
+    runs.write_scores(str(folder / "test_scores.csv"), *scores)
 
 
 def test_summary_of_ten_folds_uses_each_folds_metrics(tmp_path):
@@ -171,11 +173,11 @@ def test_tta_threshold_is_chosen_under_tta(arch1_run, toy, tmp_path):
     r = run_evaluate(arch1_run, "--tta", "flip", "--json", tmp_path / "tta.json")
     assert r.returncode == 0, r.stderr
     ev = json.load(open(tmp_path / "tta.json"))
-    model, ckpt = evaluate.load_model(str(arch1_run), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(arch1_run), torch.device("cpu"))
     cfp = data.load_cfp(toy)
     pairs, kinds = cfp.pairs([7, 8])
     bank = images.ImageBank(cfp, pairs[:, :2].ravel(), 32, resize=ckpt["args"]["resize"])
-    res = evaluate.evaluate(model, bank, pairs, tta=True)
+    res = verify.evaluate(model, bank, pairs, tta=True)
     expected = metrics.thresholds_by_kind(res["scores"], res["labels"], kinds)
     for kind in ("all", "FF", "FP"):
         assert ev["thresholds"][kind] == pytest.approx(expected[kind][0])
@@ -190,7 +192,7 @@ def test_verify_two_arbitrary_photos(arch, fold3_run, arch1_run, toy, tmp_path):
     Image.open(os.path.join(toy, "Data/Images/003/frontal/01.jpg")).resize((300, 410)).save(big)
     gray = tmp_path / "small_gray.png"
     Image.open(os.path.join(toy, "Data/Images/003/profile/02.jpg")).convert("L").resize((43, 42)).save(gray)
-    model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(out), torch.device("cpu"))
     assert model.arch == arch
     with torch.no_grad():  # the network on the two decoded photos, directly
         x = [images.preprocess(images.decode_image(str(p), 32, ckpt["args"]["resize"])[None]) for p in (big, gray)]

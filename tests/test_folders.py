@@ -11,6 +11,7 @@ import torch
 import check
 import data
 import evaluate
+import verify
 import images
 import train
 from conftest import cli, smoke_args
@@ -89,11 +90,11 @@ def test_benchmark_chooses_each_folds_threshold_on_the_other_nine(held_out_run, 
     r = cli(evaluate, out, "--benchmark", "cfp", "--data-root", toy, "--json", tmp_path / "b.json")
     assert r.returncode == 0, r.stderr
     b = json.load(open(tmp_path / "b.json"))
-    model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(out), torch.device("cpu"))
     cfp = data.load_cfp(toy)
     bank = images.ImageBank(cfp, np.arange(len(cfp.paths)), 32)
     for kind in data.KINDS:
-        scores = {k: evaluate.evaluate(model, bank, cfp.folds[k][kind])["scores"] for k in cfp.folds}
+        scores = {k: verify.evaluate(model, bank, cfp.folds[k][kind])["scores"] for k in cfp.folds}
         accs = []
         for k in cfp.folds:  # by hand: the other nine folds' best threshold, applied to fold k
             rest = [j for j in cfp.folds if j != k]
@@ -116,11 +117,11 @@ def test_exported_embedder_reproduces_the_runs_embeddings_with_torch_alone(held_
     path = tmp_path / "embedder.pt2"
     r = cli(evaluate, out, "--export", path)
     assert r.returncode == 0, r.stderr
-    model, ckpt = evaluate.load_model(str(out), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(out), torch.device("cpu"))
     ds = data.load_dataset(folders)
     bank = images.ImageBank(ds, np.arange(10), 32)
     torch.save(bank.images, tmp_path / "faces.pt")
-    expected = evaluate.extract(model, bank, np.arange(10))  # the run's own path to its embeddings
+    expected = verify.extract(model, bank, np.arange(10))  # the run's own path to its embeddings
     # A fresh interpreter outside the repository, in isolated mode: only torch is importable.
     code = ("import json, torch; extra = {'preprocessing.json': ''}; "
             "m = torch.export.load('embedder.pt2', extra_files=extra).module(); "

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 import align
 import data
 import evaluate
+import verify
 import faces
 import landmarks
 import train
@@ -136,9 +137,9 @@ def test_predicted_landmarks_where_a_file_is_missing(aligned_run, lm_run, toy, t
     assert r.returncode == 0, r.stderr
     score = float(r.stdout.split("score ")[1].split()[0])
     args = evaluate.get_args_parser().parse_args([str(aligned_run), "--align", "predicted"])
-    v = evaluate.Verifier(str(aligned_run), str(lm_run), predicted=True, device=torch.device("cpu"))
+    v = verify.Verifier(str(aligned_run), str(lm_run), predicted=True, device=torch.device("cpu"))
     bank, used = evaluate.fold_bank(args, cfp, np.unique(pairs[:, :2]), v)
-    res = evaluate.evaluate(v.model, bank, pairs[:1], None)
+    res = verify.evaluate(v.model, bank, pairs[:1], None)
     assert used["source"] == "predicted" and used["sha1"] == v.finder.source["sha1"]
     assert res["scores"][0] == pytest.approx(score, abs=1e-4)
     assert v.verify(a, b)[1] == pytest.approx(score, abs=1e-6)  # the Python face gives --pair's score

@@ -20,8 +20,10 @@ from PIL import Image
 import check
 import data
 import evaluate
+import verify
 import images
 import report
+import runs
 import train
 import utils
 from conftest import ROOT, cli, smoke_args
@@ -450,14 +452,14 @@ def test_non_finite_scores_are_refused(fold3_run, toy, tmp_path):
     import metrics
     with pytest.raises(ValueError, match="not finite"):
         metrics.roc(np.array([0.1, np.nan, 0.3]), np.array([1, 0, 1]))
-    model, ckpt = evaluate.load_model(str(fold3_run), torch.device("cpu"))
+    model, ckpt = verify.load_model(str(fold3_run), torch.device("cpu"))
     with torch.no_grad():
         model.neck[0].weight.fill_(float("nan"))
     cfp = data.load_cfp(toy)
     pairs, _ = cfp.pairs([3])
     bank = images.ImageBank(cfp, pairs[:, :2].ravel(), 32)
     with pytest.raises(UserError, match="pair scores are not finite"):
-        evaluate.evaluate(model, bank, pairs)
+        verify.evaluate(model, bank, pairs)
 
 
 def test_images_are_decoded_as_a_viewer_shows_them_or_refused(tmp_path):
@@ -530,13 +532,13 @@ def test_interrupts_while_decoding_and_during_the_final_test_say_what_happened(t
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
         m.setattr(images, "load_images", interrupt)
-        with pytest.raises(train.Interrupted, match="while reading the data"):
+        with pytest.raises(runs.Interrupted, match="while reading the data"):
             train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1"))
     assert not (tmp_path / "run").exists()
     real = train.evaluate
     with monkeypatch.context() as m:  # the test's evaluate() is the first call after the epochs
         m.setattr(train, "evaluate", lambda *a, **k: interrupt() if not a[3] else real(*a, **k))
-        with pytest.raises(train.Interrupted, match="during the final test: every epoch is saved"):
+        with pytest.raises(runs.Interrupted, match="during the final test: every epoch is saved"):
             train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1"))
     m = train.main(smoke_args(toy, tmp_path / "run", "--epochs", "1", "--resume"))  # only tests
     assert m["epochs_run"] == 1 and (tmp_path / "run" / "metrics.json").exists()
@@ -612,7 +614,7 @@ def test_the_threshold_follows_the_photos_poses_unless_a_kind_is_given(fold3_run
         assert ("profile" in r.stdout) == (kind == "FP"), r.stdout  # it says why: each photo's pose
     r = cli(evaluate, fold3_run, "--pair", frontal, profile, "--kind", "FF")
     assert f"threshold {thresholds['FF']:.6f} (FF pairs)" in r.stdout
-    v = evaluate.Verifier(str(fold3_run), device=torch.device("cpu"))
+    v = verify.Verifier(str(fold3_run), device=torch.device("cpu"))
     assert v.verify(frontal, profile)[2:] == (thresholds["FP"], "FP")
     assert v.verify(frontal, other, kind="all")[2:] == (thresholds["all"], "all")
 

@@ -14,6 +14,7 @@ import torch
 import data
 import evaluate
 import images
+import runs
 import train
 import utils
 from conftest import ROOT, cli, smoke_args
@@ -433,7 +434,7 @@ def test_dropout_default_follows_the_loss_and_old_runs_keep_theirs():
         assert args.dropout == dropout, loss
     args = train.get_args_parser().parse_args(["--arch", "2", "--loss", "arcface"])
     train.check_args(args)
-    saved = {k: getattr(args, k) for k in train.RUN_KEYS if k != "dropout"}
+    saved = {k: getattr(args, k) for k in runs.RUN_KEYS if k != "dropout"}
     with pytest.raises(UserError, match="written by an earlier version .*lacks dropout.*results/STUDIES.md"):
-        train.check_compatible(saved, args, "last.pt", train.RUN_KEYS)   # a run from before --dropout: refused
-    train.check_compatible({**saved, "dropout": args.dropout}, args, "last.pt", train.RUN_KEYS)
+        runs.check_compatible(saved, args, "last.pt", runs.RUN_KEYS)   # a run from before --dropout: refused
+    runs.check_compatible({**saved, "dropout": args.dropout}, args, "last.pt", runs.RUN_KEYS)
