@@ -22,7 +22,8 @@ from utils import UserError, load_checkpoint, load_weights
 REFINE_MARGIN = 1.3        # the square the second and third looks take around the face box (results/landmarks:
                            # margin13 against e20's 1.6)
 MIRRORED = [0, 1, 3, 2]    # POSES of a mirrored view: left and right swap
-FOUND = 0.5                # a face is found where P(no face) is below this at the first look and at the last
+FOUND = 0.5                # a face is found where P(no face) is below this at the first look and at the last,
+                           # until landmarks.py chooses the network's own threshold on validation pictures
 PLACE_BATCH = 64           # photos a look takes at once when a run's landmarks are placed
 
 
@@ -66,9 +67,9 @@ class FaceFinder:
     flip: each look averaged with the look at its mirror image (a frontal face's landmarks are the plain
     look's: CFP marks the picture's left half)."""
 
-    def __init__(self, net, looks=3, device="cpu", flip=True):
+    def __init__(self, net, looks=3, device="cpu", flip=True, threshold=FOUND):
         self.net, self.looks, self.device, self.flip = net.eval(), looks, device, flip
-        self.size = net.img_size
+        self.size, self.threshold = net.img_size, threshold
 
     @classmethod
     def load(cls, path, device="cpu"):
@@ -80,9 +81,12 @@ class FaceFinder:
             what = dropped or "the flat head"
             raise UserError(f"{path} is a landmark network of a variant no longer in the code ({what}): use the "
                             f"commit named in results/STUDIES.md")
+        if "found_threshold" not in ckpt:
+            raise UserError(f"{path} has no threshold for a face found: choose one on validation pictures with "
+                            f"python landmarks.py --out {os.path.dirname(path)} --test-only")
         net = LandmarkNet(a["img_size"], maxpool=a["maxpool"])
         load_weights(net, ckpt["model"], path)
-        finder = cls(net.to(device), device=device)
+        finder = cls(net.to(device), device=device, threshold=ckpt["found_threshold"])
         with open(path, "rb") as f:
             finder.source = {"network": os.path.abspath(path), "sha1": hashlib.sha1(f.read()).hexdigest()}
         return finder
@@ -114,25 +118,26 @@ class FaceFinder:
         """-> per picture (points, profile, pose) or None where no face is found."""
         return [f[:3] if f[3] else None for f in self.find_all(pictures, chunk)]
 
-    def find_all(self, pictures, chunk=64):
+    def find_all(self, pictures, chunk=64, doubt=False):
         """-> per picture (points, profile, pose, found): the landmarks are the best guess even where no
-        face was found."""
+        face was found; with doubt, also the larger P(no face) of the first look and the last."""
         out = []
         for i in range(0, len(pictures), chunk):
             out += self._find(pictures[i:i + chunk])
-        return out
+        return out if doubt else [f[:4] for f in out]
 
     def _find(self, pictures):
         matrices = [letterbox(*im.size, self.size) for im in pictures]
         probs, points = self.look(pictures, matrices)
-        found = probs[:, 0] < FOUND
+        doubt = probs[:, 0]
         for _ in range(self.looks - 1):
             poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
             matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
             probs, points = self.look(pictures, matrices)
-        found &= probs[:, 0] < FOUND  # the close look confirms it: half the false faces go (results/landmarks)
+        doubt = np.maximum(doubt, probs[:, 0])  # the close look confirms it: half the false faces go
         poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
-        return [(q, pose != "frontal", pose, bool(ok)) for q, pose, ok in zip(points, poses, found)]
+        return [(q, pose != "frontal", pose, bool(d < self.threshold), float(d))
+                for q, pose, d in zip(points, poses, doubt)]
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,8 @@ pictures, and on pictures of backgrounds alone.
     python evaluate.py RUN --landmark-net runs/landmarks --pair A.jpg B.jpg  # any two photos
 """
 import argparse
+import csv
+import json
 import math
 import os
 import sys
@@ -22,16 +24,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 import align
+import backgrounds
 from data import load_cfp, split_folds
-from faces import REFINE_MARGIN, FaceFinder, iou, letterbox
-from images import color_jitter, decode_image, mosaic, normalise, open_image
+from faces import REFINE_MARGIN, FaceFinder, face_square, iou, letterbox, square_matrix
+from images import color_jitter, decode_image, mosaic, normalise, open_image, warp
 from models import POSES, LandmarkNet
-from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dtype, atomic_save, channels_last,
-                   git_state, lr_lambda, run_cli, write_history, write_json)
+from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dtype, atomic_save, atomic_write,
+                   channels_last,
+                   git_state, load_checkpoint, load_weights, lr_lambda, run_cli, write_history, write_json)
 
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
-FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side
+FACE_SCALE = (0.06, 0.85)  # a training face's box side, as a fraction of the view's side (0.12 before faces
+                           # pasted at 1/4 and smaller were trained on)
+DRAWN = 1024               # pictures of the drawn background families kept for the views; a quarter new each epoch
+HARD = 1024                # the most recent false faces kept as "no face" views
+MINE = 256                 # background pictures the network looks at after each epoch for its false faces
 REFINE_JITTER = 0.2        # how far off a refining look's training views put the face (0.08 before --refine-jitter)
 PROFILE_SHARE = 0.5        # profiles' share of the training views (CFP has 2/7; results/landmarks, heatmap_e18_p05)
 
@@ -83,6 +91,28 @@ class FaceData:
                                for m, (w, h) in zip(boxes, sizes)])                      # the photo's own pixels
         self.face = np.stack([align.face_box(p, POSES[k]) for p, k in zip(self.points, self.pose)])
         self.patches = corner_patches(self.images, self.valid, self.face)
+        self.pieces = [Image.fromarray(p.permute(1, 2, 0).numpy()) for p in self.patches]  # the cfp family's
+        self.drawn = self.hard = torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        self.drawn_share = 0.0
+
+    def draw_backgrounds(self, families, size, rng, n=DRAWN):
+        """Pictures of the drawn families (not cfp) for the views' backgrounds: DRAWN of them at first, then a
+        quarter replaced at each call; the share of views that take one is theirs of the families."""
+        drawn = [f for f in families if f != "cfp"]
+        self.drawn_share = len(drawn) / len(families)
+        if not drawn:
+            return
+        fresh = torch.from_numpy(np.stack([drawn_view(drawn[k % len(drawn)], size, rng)
+                                           for k in range(n if len(self.drawn) < n else n // 4)]))
+        self.drawn = torch.cat([self.drawn[len(fresh):], fresh]) if len(self.drawn) == n else fresh
+
+
+def drawn_view(family, size, rng):
+    """A picture of the family drawn at 1 to 3 times the view's side, as a view of a larger picture sees it:
+    uint8 (3, size, size)."""
+    side = int(size * rng.uniform(1, 3))
+    return np.asarray(backgrounds.picture(family, side, side, rng).resize((size, size), Image.BILINEAR)
+                      ).transpose(2, 0, 1)
 
 
 def corner_patches(images, valid, faces, frac=0.3):
@@ -100,9 +130,10 @@ def corner_patches(images, valid, faces, frac=0.3):
     return torch.stack(out).to(torch.uint8)
 
 
-def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFINE_MARGIN, jitter=REFINE_JITTER):
-    """A batch of training views: each photo of `rows` scaled, turned and placed at random on a background
-    (profiles mirrored half the time, their pose label swapped), or the background alone. The views as the
+def random_views(d, rows, size, gen, p_empty=0.25, max_degrees=20.0, margin=REFINE_MARGIN, jitter=REFINE_JITTER):
+    """A batch of training views: each photo of `rows` scaled, turned and placed at random on a background of
+    the training families (profiles mirrored half the time, their pose label swapped), or a background alone,
+    half of those among the network's own false faces once there are some. The views as the
     refining looks see a face have its centre up to `jitter` of the side off the view's centre and its size
     up to 1.5 jitter off 1/margin, so that a look learns to correct a first guess that is off.
     -> (x float (n, 3, size, size) in [0, 1], pose labels (n,), points (n, 30, 2) in units of the side)."""
@@ -133,37 +164,64 @@ def random_views(d, rows, size, gen, p_empty=0.15, max_degrees=20.0, margin=REFI
     px = (grid + 1) * CANVAS / 2                                               # (n, S, S, 2) canvas pixels
     valid = torch.as_tensor(d.valid[rows], dtype=torch.float32)[:, None, None]
     inside = ((px >= valid[..., :2]) & (px < valid[..., 2:])).all(-1) & ~empty[:, None, None]
-    x = torch.where(inside[:, None], x, mosaic(d.patches, n, size, gen) / 255)
+    x = torch.where(inside[:, None], x, backdrop_views(d, n, size, empty, gen))
     points = torch.as_tensor(d.points[rows]) @ m[:, :2, :2].transpose(1, 2) + m[:, None, :2, 2]
     pose = torch.where(mirror, torch.tensor([0, 1, 3, 2])[pose], pose)      # a mirrored profile turns around
     pose = torch.where(empty, torch.zeros_like(pose), pose)
     return color_jitter(x, 0.3, 0.1), pose, (points / size).float()
 
 
-# ---------------------------------------------------------------------------
-# Finding a face and its landmarks in any picture
+def backdrop_views(d, n, size, empty, gen):
+    """The views' backgrounds: a mosaic of CFP pieces (the cfp family), or a picture of a drawn family at its
+    share; a view without a face is one of the false faces half the time. -> float (n, 3, size, size) in [0, 1]."""
+    bg = mosaic(d.patches, n, size, gen) / 255
+    for pictures, use in ((d.drawn, torch.rand(n, generator=gen) < d.drawn_share),
+                          (d.hard, empty & (torch.rand(n, generator=gen) < 0.5))):
+        if len(pictures) and use.any():
+            pick = torch.randint(len(pictures), (n,), generator=gen)
+            bg = torch.where(use[:, None, None, None], pictures[pick].float() / 255, bg)
+    return bg
+
+
+def mine_false_faces(d, net, families, size, rng, n=MINE):
+    """The network's false faces on n new pictures without a face: each such picture as the first look sees
+    it (letterboxed) and as the last look does (the square around the face found), kept among d.hard."""
+    finder = FaceFinder(net)
+    pictures = [backdrop(families[k % len(families)], *map(int, rng.integers(size, 8 * size, 2)), rng, d.pieces)
+                for k in range(n)]
+    views = []
+    for im, (points, _, pose, found) in zip(pictures, finder.find_all(pictures)):
+        if found:
+            square = face_square(points, pose)
+            for m in (letterbox(*im.size, size), square_matrix(*square, size) if square[2] > 0 else None):
+                if m is not None and np.isfinite(m).all():
+                    views.append(np.asarray(warp(im, m, size)).transpose(2, 0, 1))
+    if views:
+        views = torch.from_numpy(np.stack(views))
+        d.hard = (torch.cat([d.hard, views]) if len(d.hard) else views)[-HARD:]
+    return len(views)
+
 
 # ---------------------------------------------------------------------------
-# Pictures larger than the face: each photo pasted on a background cut from other photos
+# Pictures larger than the face: each photo pasted on a background of one family (backgrounds.py)
 
 
-def background_picture(w, h, backgrounds, rng, tiles=4):
-    """A w x h picture with no face: a mosaic of `tiles` x `tiles` pieces of the background photos."""
-    picture = Image.new("RGB", (w, h))
-    tw, th = math.ceil(w / tiles), math.ceil(h / tiles)
-    for ty in range(tiles):
-        for tx in range(tiles):
-            bg = backgrounds[rng.integers(len(backgrounds))]
-            picture.paste(bg.resize((tw, th), Image.BILINEAR), (tx * tw, ty * th))
-    return picture
+def backdrop(family, w, h, rng, pieces=None, detail=512):
+    """A w x h picture without a face; the drawn families at most `detail` pixels on the longer side, then
+    enlarged (the finder's closest look at a face pasted at 1/4 sees about that detail)."""
+    if family == "cfp":
+        return backgrounds.mosaic_picture(w, h, pieces, rng)
+    s = min(1.0, detail / max(w, h))
+    im = backgrounds.picture(family, max(1, round(w * s)), max(1, round(h * s)), rng)
+    return im if s == 1 else im.resize((w, h), Image.BILINEAR)
 
 
-def paste(im, fraction, backgrounds, rng, tiles=4):
-    """im pasted at a random place into a picture 1/fraction times its width and height, on a mosaic of
-    `tiles` x `tiles` pieces of the background photos. -> (picture, matrix from im's pixels to the picture's)."""
+def paste(im, fraction, family, rng, pieces=None):
+    """im pasted at a random place into a picture 1/fraction times its width and height, on a background of
+    the family. -> (picture, matrix from im's pixels to the picture's)."""
     w, h = im.size
     W, H = round(w / fraction), round(h / fraction)
-    picture = background_picture(W, H, backgrounds, rng, tiles)
+    picture = backdrop(family, W, H, rng, pieces)
     x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
     picture.paste(im, (x0, y0))
     return picture, np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
@@ -219,6 +277,24 @@ def get_args_parser():
                         "warning); the network is kept and evaluated in fp32 (default: off)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--val-images", type=int, default=400, help="validation photos looked at per epoch (default: 400)")
+    p.add_argument("--held-out", nargs="+", default=list(backgrounds.HELD_OUT_FAMILIES),
+                   choices=backgrounds.FAMILIES, metavar="FAMILY",
+                   help="background families (backgrounds.py) the test pastes photos into, kept out of training "
+                        f"(default: {' '.join(backgrounds.HELD_OUT_FAMILIES)})")
+    p.add_argument("--held-out-images", type=int, default=500,
+                   help="test photos pasted into each held-out family, at 1/2 and 1/4 (default: 500)")
+    p.add_argument("--train-families", nargs="+", default=list(backgrounds.TRAIN_FAMILIES),
+                   choices=backgrounds.FAMILIES, metavar="FAMILY",
+                   help="background families the training views are drawn on (default: "
+                        f"{' '.join(backgrounds.TRAIN_FAMILIES)})")
+    p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="after each epoch, keep the network's false faces on new background pictures as views "
+                        "without a face (default: on)")
+    p.add_argument("--found-threshold", type=float, default=None,
+                   help="a face is found where P(no face) is below this at the first look and the last "
+                        "(default: the best F1 on validation pictures)")
+    p.add_argument("--test-only", action="store_true",
+                   help="test the network already in --out again, as the code now tests (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     return p
 
@@ -226,7 +302,8 @@ def get_args_parser():
 def check_args(args):
     for flag, value, lo in (("--img-size", args.img_size, 32), ("--epochs", args.epochs, 1),
                             ("--batch-size", args.batch_size, 2), ("--workers", args.workers, 1),
-                            ("--val-images", args.val_images, 1), ("--seed", args.seed, 0)):
+                            ("--val-images", args.val_images, 1), ("--seed", args.seed, 0),
+                            ("--held-out-images", args.held_out_images, 1)):
         if value < lo:
             raise UserError(f"{flag} must be at least {lo}, got {value}")
     for flag, value in (("--lr", args.lr), ("--weight-decay", args.weight_decay)):
@@ -235,7 +312,15 @@ def check_args(args):
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
     if not (math.isfinite(args.refine_jitter) and 0 <= args.refine_jitter <= 0.3):
         raise UserError(f"--refine-jitter must be in [0, 0.3], got {args.refine_jitter}")
-    if os.path.exists(os.path.join(args.out, "best.pt")) and not args.overwrite:
+    if set(args.train_families) & set(args.held_out):
+        raise UserError(f"--held-out {' '.join(args.held_out)} and --train-families {' '.join(args.train_families)} "
+                        f"share {' '.join(sorted(set(args.train_families) & set(args.held_out)))}: a held-out family "
+                        f"is one the network never trained on")
+    if args.found_threshold is not None and not 0 < args.found_threshold <= 1:
+        raise UserError(f"--found-threshold must be in (0, 1], got {args.found_threshold}")
+    if args.test_only and not os.path.isfile(os.path.join(args.out, "best.pt")):
+        raise UserError(f"--test-only: {args.out} holds no landmark network (best.pt)")
+    if os.path.exists(os.path.join(args.out, "best.pt")) and not (args.overwrite or args.test_only):
         raise UserError(f"--out {args.out} already holds a landmark network; choose another --out or add --overwrite")
 
 
@@ -297,34 +382,37 @@ def score_photos(finder, cfp, indices):
             "images": len(indices), "ms_per_photo": 1000 * seconds / len(indices)}, pictures, pred
 
 
-def found_in_pasted(finder, cfp, indices, fraction, seed=0):
-    """Each photo pasted into a picture 1/fraction its size on a background from the other photos: the share
-    of pictures in which the face box found overlaps the given one by IoU >= 0.5, and the NME there."""
+def found_in_pasted(finder, cfp, indices, fraction, family="cfp", seed=0):
+    """Each photo pasted into a picture 1/fraction its size on a background of the family (cfp: pieces of the
+    photos themselves): the share of pictures in which the face box found overlaps the given one by IoU >= 0.5,
+    of all photos and of frontal and profile ones apart, and the NME there."""
     rng = np.random.default_rng(seed)
     pictures = [open_image(cfp.paths[i]) for i in indices]
     poses = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
-    pieces = background_pieces(pictures, cfp.landmarks[indices], poses)
+    pieces = background_pieces(pictures, cfp.landmarks[indices], poses) if family == "cfp" else None
     hits, errors = [], []
     for k in range(0, len(indices), 64):
-        batch = [paste(im, fraction, pieces, rng) for im in pictures[k:k + 64]]
+        batch = [paste(im, fraction, family, rng, pieces) for im in pictures[k:k + 64]]
         found = finder.find([b[0] for b in batch])
         for (_, m), f, i, pose in zip(batch, found, indices[k:k + 64], poses[k:k + 64]):
             true = align.apply(m, cfp.landmarks[i])
             ok = f is not None and iou(align.face_box(f[0], f[2]), align.face_box(true, pose)) >= 0.5
             hits.append(ok)
             errors.append(nme(f[0][None], true[None], [pose])[0] if f is not None else np.nan)
-    return {"found": float(np.mean(hits)), "nme": mean_found(errors)}
+    hits, profile = np.array(hits), cfp.profile[indices]
+    return {"found": float(hits.mean()), "found_frontal": float(hits[~profile].mean()) if (~profile).any() else None,
+            "found_profile": float(hits[profile].mean()) if profile.any() else None, "nme": mean_found(errors)}
 
 
-def found_in_backgrounds(finder, cfp, indices, seed=0):
-    """Pictures with no face, each a mosaic of background pieces the size of one of the photos: the share in
-    which a face is found anyway (false faces)."""
+def found_in_backgrounds(finder, cfp, indices, family="cfp", seed=0):
+    """Pictures with no face of the family, each the size of one of the photos: the share in which a face is
+    found anyway (false faces)."""
     rng = np.random.default_rng(seed)
-    pieces = backgrounds_of(cfp, indices, rng)
+    pieces = backgrounds_of(cfp, indices, rng) if family == "cfp" else None
     sizes = [Image.open(cfp.paths[i]).size for i in indices]
     found = []
     for k in range(0, len(sizes), 64):
-        pictures = [background_picture(w, h, pieces, rng) for w, h in sizes[k:k + 64]]
+        pictures = [backdrop(family, w, h, rng, pieces) for w, h in sizes[k:k + 64]]
         found += [f is not None for f in finder.find(pictures)]
     return {"found": float(np.mean(found)), "pictures": len(found)}
 
@@ -332,7 +420,6 @@ def found_in_backgrounds(finder, cfp, indices, seed=0):
 def main(args):
     check_args(args)
     torch.manual_seed(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
     cfp = load_cfp(args.data_root)
     if cfp.landmarks is None:
         raise DataError(f"--data-root {args.data_root} has no Data/Fiducials landmarks to learn from")
@@ -343,6 +430,8 @@ def main(args):
     os.makedirs(args.out, exist_ok=True)
     log = Logger()
     log.open(os.path.join(args.out, "log.txt"))
+    if args.test_only:
+        return test_again(args, cfp, sets, log)
     dtype = amp_dtype(torch.device("cpu")) if args.amp else None
     if args.amp and dtype is None:
         log("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): training in fp32")
@@ -351,33 +440,105 @@ def main(args):
     write_json(os.path.join(args.out, "config.json"), {
         "task": "landmarks", "command": " ".join(["python"] + sys.argv), "args": vars(args), **git_state(args.out),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "folds": roles,
+        "families": {"train": args.train_families, "held_out": args.held_out},
         "precision": "bfloat16" if dtype else "float32"})
+    history, seconds = train_network(args, cfp, sets, dtype, log)
+    choose_threshold(args, cfp, sets["val"], log)
+    test_and_report(args, cfp, sets, history, seconds, log)
+
+
+def train_network(args, cfp, sets, dtype, log):
+    """The epochs: best.pt is the epoch with the lowest validation NME. -> (history, seconds)"""
+    gen, rng = torch.Generator().manual_seed(args.seed), np.random.default_rng(args.seed)
     t = time.time()
     d = FaceData(cfp, sets["train"], args.workers)
+    d.draw_backgrounds(args.train_families, args.img_size, rng)
     val_idx = np.random.default_rng(args.seed).permutation(sets["val"])[:args.val_images]
-    log(f"decoded {len(d.indices)} photos and cut {len(d.patches)} background patches in {time.time() - t:.0f}s")
+    log(f"decoded {len(d.indices)} photos and cut {len(d.patches)} background patches, drew {len(d.drawn)} "
+        f"background pictures of {', '.join(args.train_families)} in {time.time() - t:.0f}s")
     net = LandmarkNet(args.img_size, maxpool=args.maxpool)
     if channels_last(torch.device("cpu"), dtype):
         net = net.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.epochs * (len(d.indices) // args.batch_size)
-    warmup = min(100, total // 10 + 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", total, warmup, overlap=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", total, min(100, total // 10 + 1), overlap=True))
     history, best, t = [], math.inf, time.time()
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
         val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
         nme_val = mean_found(val.pop("nme"))
+        false_faces = mine_false_faces(d, net, args.train_families, args.img_size, rng) if args.hard_negatives else 0
+        d.draw_backgrounds(args.train_families, args.img_size, rng)
         history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
-                        "val_found": val["found"], "minutes": (time.time() - t) / 60})
+                        "val_found": val["found"], "false_face_views": false_faces, "minutes": (time.time() - t) / 60})
         log(f"epoch {epoch} done: loss {loss:.4f}, validation NME {nme_val:.4f} (frontal {val['nme_frontal']:.4f}, "
-            f"profile {val['nme_profile']:.4f}), pose accuracy {val['pose_acc']:.4f}, found {val['found']:.4f}")
+            f"profile {val['nme_profile']:.4f}), pose accuracy {val['pose_acc']:.4f}, found {val['found']:.4f}; "
+            f"{false_faces} false-face views mined from {MINE if args.hard_negatives else 0} pictures")
         if nme_val < best:
             best = nme_val
             atomic_save({"model": net.state_dict(), "args": vars(args), "epoch": epoch, "poses": POSES,
                          "val_nme": float(nme_val)}, os.path.join(args.out, "best.pt"))
         write_history(history, os.path.join(args.out, "history.csv"))
-    test_and_report(args, cfp, sets, history, time.time() - t, log)
+    return history, time.time() - t
+
+
+def threshold_pictures(cfp, indices, families, seed):
+    """Validation pictures for the found threshold: each photo pasted at 1/2 or 1/4 into a picture of a
+    training family, and as many pictures of those families alone. -> (pictures, true face box or None)"""
+    rng = np.random.default_rng(seed + 1)
+    photos = [open_image(cfp.paths[i]) for i in indices]
+    pieces = backgrounds_of(cfp, indices, rng) if "cfp" in families else None
+    pictures, boxes = [], []
+    for k, (im, i) in enumerate(zip(photos, indices)):
+        picture, m = paste(im, (0.5, 0.25)[k % 2], families[k % len(families)], rng, pieces)
+        pictures.append(picture)
+        boxes.append(align.face_box(align.apply(m, cfp.landmarks[i]), align.pose_of(cfp.landmarks[i], cfp.profile[i])))
+    for k, im in enumerate(photos):
+        pictures.append(backdrop(families[k % len(families)], *im.size, rng, pieces))
+        boxes.append(None)
+    return pictures, boxes
+
+
+def precision_recall(doubt, hit, face):
+    """For each threshold on P(no face) (found where it is below), precision, recall (faces found at their
+    place) and the false-face rate of the pictures without one. doubt, hit, face: (N,) -> (T, 4) rows."""
+    order = np.argsort(doubt)
+    d, hit, face = doubt[order], hit[order], face[order]
+    tp, found = np.cumsum(hit), np.arange(1, len(d) + 1)
+    false_faces = np.cumsum(~face)
+    edges = np.append((d[:-1] + d[1:]) / 2, 1.0)  # just above each picture's doubt
+    return np.stack([edges, tp / found, tp / max(face.sum(), 1), false_faces / max((~face).sum(), 1)], 1)
+
+
+def choose_threshold(args, cfp, val, log):
+    """The found threshold with the best F1 on validation pictures (as many with a face as without), or
+    --found-threshold; kept in best.pt, the curve in pr.csv and pr.png."""
+    from plots import plot_precision_recall
+    path = os.path.join(args.out, "best.pt")
+    ckpt = load_checkpoint(path, kind="landmarks")
+    net = LandmarkNet(args.img_size, maxpool=args.maxpool)
+    load_weights(net, ckpt["model"], path)
+    some = np.sort(np.random.default_rng(args.seed).permutation(val)[:args.val_images])
+    pictures, boxes = threshold_pictures(cfp, some, args.train_families, args.seed)
+    found = FaceFinder(net).find_all(pictures, doubt=True)
+    doubt = np.array([f[4] for f in found])
+    face = np.array([b is not None for b in boxes])
+    hit = np.array([b is not None and iou(align.face_box(f[0], f[2]), b) >= 0.5 for f, b in zip(found, boxes)])
+    curve = precision_recall(doubt, hit, face)
+    f1 = 2 * curve[:, 1] * curve[:, 2] / np.maximum(curve[:, 1] + curve[:, 2], 1e-9)
+    best = int(np.argmax(f1))
+    threshold = args.found_threshold if args.found_threshold is not None else float(curve[best, 0])
+    k = min(int(np.searchsorted(curve[:, 0], threshold)), len(curve) - 1)
+    chosen = {"found_threshold": threshold, "precision": float(curve[k, 1]), "recall": float(curve[k, 2]),
+              "false_faces": float(curve[k, 3]), "pictures": len(pictures), "families": args.train_families,
+              "chosen_by": "given" if args.found_threshold is not None else "best F1 on validation pictures"}
+    atomic_save({**ckpt, "found_threshold": threshold, "threshold_choice": chosen}, path)
+    atomic_write(os.path.join(args.out, "pr.csv"), "threshold,precision,recall,false_faces\n"
+                 + "".join(",".join(f"{v:.6g}" for v in row) + "\n" for row in curve))
+    plot_precision_recall(curve, k, os.path.join(args.out, "pr.png"))
+    log(f"found threshold {threshold:.4f} ({chosen['chosen_by']}): on {len(pictures)} validation pictures, "
+        f"precision {chosen['precision']:.4f}, recall {chosen['recall']:.4f}, false faces {chosen['false_faces']:.4f}")
+    return chosen
 
 
 def test_and_report(args, cfp, sets, history, train_seconds, log):
@@ -386,10 +547,13 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
     t, finder = time.time(), FaceFinder.load(os.path.join(args.out, "best.pt"))
     test, pictures, pred = score_photos(finder, cfp, sets["test"])
     test["nme"] = mean_found(test["nme"])
-    pasted = {f"pasted_{f}": found_in_pasted(finder, cfp, sets["test"], f, args.seed) for f in (0.5, 0.25)}
-    pasted["background_alone"] = found_in_backgrounds(finder, cfp, sets["test"], args.seed)
+    pasted = {f"pasted_{f}": found_in_pasted(finder, cfp, sets["test"], f, "cfp", args.seed) for f in (0.5, 0.25)}
+    pasted["background_alone"] = found_in_backgrounds(finder, cfp, sets["test"], "cfp", args.seed)
+    held_out = test_held_out(finder, cfp, sets["test"], args)
     best = min(history, key=lambda h: h["val_nme"])
-    metrics = {"test": test, **pasted, "best_epoch": best["epoch"], "val_nme": best["val_nme"],
+    metrics = {"test": test, **pasted, "held_out": held_out, "found_threshold": finder.threshold,
+               "families": {"train": args.train_families, "held_out": args.held_out},
+               "best_epoch": best["epoch"], "val_nme": best["val_nme"],
                "train_minutes": train_seconds / 60, "test_minutes": (time.time() - t) / 60,
                "test_folds": split_folds(args.protocol, args.test_fold)["test"]}
     write_json(os.path.join(args.out, "metrics.json"), metrics)
@@ -401,9 +565,33 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
     log(f"best epoch {best['epoch']}; test: NME frontal {test['nme_frontal']:.4f}, profile {test['nme_profile']:.4f}, "
         f"pose accuracy {test['pose_acc']:.4f}, {test['ms_per_photo']:.1f} ms a photo; pasted at 1/2: found "
         f"{pasted['pasted_0.5']['found']:.4f}, at 1/4: {pasted['pasted_0.25']['found']:.4f}; a face found in "
-        f"{pasted['background_alone']['found']:.4f} of pictures without one; "
+        f"{pasted['background_alone']['found']:.4f} of pictures without one; held-out families "
+        + ", ".join(f"{k}: {v['pasted_0.5']['found']:.4f} / {v['pasted_0.25']['found']:.4f}, false faces "
+                    f"{v['background_alone']['found']:.4f}" for k, v in held_out.items()) + "; "
         f"{train_seconds / 60:.1f} min of training and {metrics['test_minutes']:.1f} of testing -> {args.out}")
     return metrics
+
+
+
+def test_held_out(finder, cfp, test, args):
+    """The finder on background families it never trained on: --held-out-images test photos pasted at 1/2 and
+    1/4 into pictures of each family, and as many pictures of the family alone."""
+    some = np.sort(np.random.default_rng(args.seed).permutation(test)[:args.held_out_images])
+    return {family: {"pasted_0.5": found_in_pasted(finder, cfp, some, 0.5, family, args.seed),
+                     "pasted_0.25": found_in_pasted(finder, cfp, some, 0.25, family, args.seed),
+                     "background_alone": found_in_backgrounds(finder, cfp, some, family, args.seed)}
+            for family in args.held_out}
+
+
+def test_again(args, cfp, sets, log):
+    """--test-only: the network in --out tested again; its training history and minutes are kept."""
+    with open(os.path.join(args.out, "history.csv")) as f:
+        history = [{**{k: float(v) for k, v in row.items()}, "epoch": int(row["epoch"])} for row in csv.DictReader(f)]
+    with open(os.path.join(args.out, "metrics.json")) as f:
+        minutes = json.load(f)["train_minutes"]
+    log(f"--test-only: testing {args.out}/best.pt again")
+    choose_threshold(args, cfp, sets["val"], log)
+    return test_and_report(args, cfp, sets, history, minutes * 60, log)
 
 
 if __name__ == "__main__":

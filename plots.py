@@ -230,3 +230,21 @@ def plot_landmarks(pictures, given, predicted, titles, path, per_row=8):
     fig.suptitle("test faces: given landmarks green, predicted red", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
+
+
+def plot_precision_recall(curve, chosen, path):
+    """The found threshold's precision/recall curve on validation pictures (rows: threshold, precision,
+    recall, false-face rate) and the chosen point."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax1.plot(curve[:, 2], curve[:, 1])
+    ax1.plot(curve[chosen, 2], curve[chosen, 1], "o", label=f"P(no face) < {curve[chosen, 0]:.3f}")
+    ax1.set(xlabel="recall (faces found at their place)", ylabel="precision", title="validation pictures")
+    ax1.legend(fontsize=8)
+    ax2.plot(curve[:, 0], curve[:, 2], label="recall")
+    ax2.plot(curve[:, 0], curve[:, 3], label="false faces (pictures without one)")
+    ax2.axvline(curve[chosen, 0], color="gray", ls=":")
+    ax2.set(xlabel="threshold on P(no face)", xscale="log", title="by threshold")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)

@@ -172,7 +172,8 @@ def results_page(root):
         if not find_runs(os.path.join(root, sub)):
             continue
         if is_landmark_folder(os.path.join(root, sub)):
-            text += f"## {sub}\n\n{about(os.path.join(root, sub))}{landmark_tables(os.path.join(root, sub))}\n"
+            text += f"## {sub}\n\n{about(os.path.join(root, sub))}{landmark_tables(os.path.join(root, sub))}"
+            text += f"{held_out_table(os.path.join(root, sub))}\n"
             continue
         table, values = summarize(os.path.join(root, sub))
         text += f"## {sub}\n\n{about(os.path.join(root, sub))}{table}\n"
@@ -226,6 +227,26 @@ def landmark_tables(folder):
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             lines.append(f"| {os.path.basename(path)} | unreadable: {type(e).__name__} |")
     return "\n".join(lines) + "\n"
+
+
+def held_out_table(folder):
+    """The landmark networks tested on background families they never trained on (backgrounds.py): found at
+    its place at 1/2 and 1/4 (frontal / profile), and the share of pictures without a face where one is found."""
+    lines = ["| network | trained on | found threshold | held-out family | found at 1/2 (frontal / profile) | "
+             "at 1/4 (frontal / profile) | false faces |", "|" + "---|" * 7]
+    for run in find_runs(folder):
+        try:
+            m = read_json(os.path.join(run, "metrics.json"))
+            trained = " ".join(m["families"]["train"]) if "held_out" in m else ""
+            for family, r in m.get("held_out", {}).items():
+                p2, p4 = r["pasted_0.5"], r["pasted_0.25"]
+                lines.append(f"| {os.path.relpath(run, folder)} | {trained} | {_fmt(m.get('found_threshold'), 4)} | "
+                             f"{family} | {p2['found']:.4f} ({_fmt(p2['found_frontal'], 3)} / "
+                             f"{_fmt(p2['found_profile'], 3)}) | {p4['found']:.4f} ({_fmt(p4['found_frontal'], 3)} / "
+                             f"{_fmt(p4['found_profile'], 3)}) | {r['background_alone']['found']:.4f} |")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            lines.append(f"| {os.path.relpath(run, folder)} | unreadable: {type(e).__name__}: {str(e)[:80]} |")
+    return "\n" + "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def summarize_runs(folder, out="", json_path=""):

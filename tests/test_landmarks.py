@@ -327,3 +327,87 @@ def test_evaluate_reproduces_the_runs_own_test_figures(case, toy, toy_lm, folder
     test = json.loads((tmp_path / "e.json").read_text())["test"]
     for kind, got in m["test"].items():
         assert (test[kind]["acc"], test[kind]["auc"]) == (got["acc"], got["auc"]), (case, kind)
+
+
+# ---------------------------------------------------------------------------
+# Background families: training on some, testing on the others
+
+
+def test_no_held_out_family_is_drawn_in_training(toy_lm, tmp_path, monkeypatch):
+    import backgrounds
+    drawn, real = [], backgrounds.picture
+    monkeypatch.setattr(backgrounds, "picture", lambda family, *a, **k: drawn.append(family) or real(family, *a, **k))
+    monkeypatch.setattr(landmarks, "test_and_report", lambda *a, **k: drawn.append("<test>"))
+    out = tmp_path / "lm"
+    args = landmarks.get_args_parser().parse_args(
+        ["--data-root", toy_lm, "--out", str(out), "--img-size", "32", "--epochs", "1", "--batch-size", "16",
+         "--val-images", "8", "--workers", "1", "--train-families", "cfp", "gradient", "texture",
+         "--held-out", "text", "shapes", "noise"])
+    landmarks.main(args)
+    training = drawn[:drawn.index("<test>")]
+    assert set(training) == {"gradient", "texture"}  # the cfp family is a mosaic of CFP pieces, never drawn
+    config = json.loads((out / "config.json").read_text())
+    assert config["families"] == {"train": ["cfp", "gradient", "texture"], "held_out": ["text", "shapes", "noise"]}
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert 0 < ckpt["found_threshold"] <= 1 and (out / "pr.csv").exists() and (out / "pr.png").exists()
+    r = cli(landmarks, "--data-root", toy_lm, "--out", tmp_path / "x", "--train-families", "cfp", "text")
+    assert r.returncode == 2 and "share text" in r.stderr and not (tmp_path / "x").exists()
+
+
+def test_the_test_reports_held_out_families_with_frontal_and_profile_apart(lm_run):
+    m = json.loads((lm_run / "metrics.json").read_text())
+    assert set(m["held_out"]) == {"text", "texture"}
+    for family in m["held_out"].values():
+        for f in ("pasted_0.5", "pasted_0.25"):
+            assert {"found", "found_frontal", "found_profile", "nme"} <= set(family[f])
+        assert family["background_alone"]["pictures"] == min(500, m["test"]["images"])
+
+
+def test_every_family_draws_a_picture_of_the_size_asked():
+    import backgrounds
+    rng = np.random.default_rng(0)
+    for family in backgrounds.DRAW:
+        im = backgrounds.picture(family, 37, 23, rng)
+        assert im.size == (37, 23) and im.mode == "RGB" and np.asarray(im).std() > 0, family
+    with pytest.raises(ValueError, match="unknown background family"):
+        backgrounds.picture("sky", 8, 8, rng)
+
+
+def test_precision_recall_by_threshold():
+    doubt = np.array([0.1, 0.2, 0.3, 0.9])        # found where P(no face) is below the threshold
+    face = np.array([True, False, True, False])
+    hit = np.array([True, False, False, False])   # the third face is found, but elsewhere
+    curve = landmarks.precision_recall(doubt, hit, face)
+    assert np.allclose(curve[:, 0], [0.15, 0.25, 0.6, 1.0])
+    assert np.allclose(curve[:, 1], [1.0, 0.5, 1 / 3, 0.25]) and np.allclose(curve[:, 2], 0.5)
+    assert np.allclose(curve[:, 3], [0.0, 0.5, 0.5, 1.0])
+
+
+def test_the_finder_uses_its_networks_threshold(tmp_path):
+    class Unsure(DotNet):  # P(no face) 0.4 at every look
+        def forward(self, x):
+            logits, points = super().forward(x)
+            return torch.log(torch.tensor([0.4, 0.0001, 0.5999, 0.0001])).repeat(len(x), 1), points
+    im = Image.new("RGB", (64, 64))
+    im.putpixel((20, 30), (255, 255, 255))
+    assert faces.FaceFinder(Unsure(), flip=False, threshold=0.5).find([im])[0] is not None
+    assert faces.FaceFinder(Unsure(), flip=False, threshold=0.3).find([im]) == [None]
+    net = LandmarkNet(32)
+    args = landmarks.get_args_parser().parse_args(["--img-size", "32"])
+    torch.save({"model": net.state_dict(), "args": vars(args), "epoch": 1, "poses": POSES}, tmp_path / "best.pt")
+    with pytest.raises(UserError, match="no threshold for a face found: .*--test-only"):
+        faces.FaceFinder.load(str(tmp_path / "best.pt"))
+
+
+def test_test_only_tests_a_network_again_at_a_given_threshold(lm_run, toy_lm, tmp_path):
+    import shutil
+    run = tmp_path / "again"
+    shutil.copytree(lm_run, run)
+    r = cli(landmarks, "--data-root", toy_lm, "--out", run, "--img-size", "32", "--val-images", "8", "--workers", "1",
+            "--test-only", "--found-threshold", "0.5")
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    assert ckpt["found_threshold"] == 0.5 and ckpt["threshold_choice"]["chosen_by"] == "given"
+    assert "--test-only: testing" in (run / "log.txt").read_text()
+    r = cli(landmarks, "--data-root", toy_lm, "--out", tmp_path / "none", "--test-only")
+    assert r.returncode == 2 and "holds no landmark network" in r.stderr

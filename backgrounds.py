@@ -1,0 +1,151 @@
+"""Pictures without a face, in families of kinds, drawn from nothing but a random generator (and CFP's own
+photos for the cfp family). The face finder trains on some families and is tested on others it never saw,
+so that its test says how it does on pictures unlike its training ones.
+
+    cfp       a mosaic of pieces of CFP photos, away from their faces (what the finder first trained on)
+    gradient  two colours blended along a random direction, with soft blobs of a third
+    noise     coloured value noise summed over several scales, from clouds to grain
+    shapes    a scene of rectangles, ellipses, polygons and lines, filled and outlined, on a plain ground
+    text      lines of random letters and digits in several sizes and colours, on a plain or blended ground
+    texture   periodic patterns: stripes, checkerboards, plaids, dots and bricks at random scales and angles
+"""
+import math
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+FAMILIES = ("cfp", "gradient", "noise", "shapes", "text", "texture")
+TRAIN_FAMILIES = ("cfp", "gradient", "noise", "shapes")   # what landmarks.py trains on by default
+HELD_OUT_FAMILIES = ("text", "texture")                   # what it is tested on, besides the training kinds
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-"
+
+
+def colour(rng):
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+def grid(w, h):
+    """Pixel centres in units of the larger side: (h, w) arrays x and y."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
+    return x / max(w, h), y / max(w, h)
+
+
+def to_image(a):
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), "RGB")
+
+
+def gradient(w, h, rng):
+    x, y = grid(w, h)
+    angle = rng.uniform(0, 2 * math.pi)
+    t = (x * math.cos(angle) + y * math.sin(angle))[..., None]
+    t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    a = (1 - t) * np.array(colour(rng)) + t * np.array(colour(rng))
+    for _ in range(rng.integers(0, 4)):  # soft blobs
+        cx, cy, r = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.5)
+        weight = np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * r * r))[..., None] * rng.uniform(0.3, 0.9)
+        a = (1 - weight) * a + weight * np.array(colour(rng))
+    return to_image(a)
+
+
+def noise(w, h, rng):
+    a = np.zeros((h, w, 3), np.float32)
+    total = 0.0
+    for k, cells in enumerate(rng.choice([2, 3, 4, 6, 8, 12, 16, 32, 64], size=rng.integers(2, 5), replace=False)):
+        amplitude = rng.uniform(0.2, 1.0)
+        small = rng.uniform(0, 255, (int(cells), int(cells), 3)).astype(np.uint8)
+        a += amplitude * np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC), np.float32)
+        total += amplitude
+    return to_image(a / total)
+
+
+def shapes(w, h, rng):
+    im = Image.new("RGB", (w, h), colour(rng))
+    draw = ImageDraw.Draw(im)
+    side = max(w, h)
+    for _ in range(rng.integers(3, 30)):
+        x0, y0 = rng.uniform(-0.1, 1.0) * w, rng.uniform(-0.1, 1.0) * h
+        s = side * rng.uniform(0.03, 0.5)
+        x1, y1 = x0 + s * rng.uniform(0.3, 1.5), y0 + s * rng.uniform(0.3, 1.5)
+        fill = colour(rng) if rng.random() < 0.8 else None
+        line = colour(rng) if fill is None or rng.random() < 0.3 else None
+        width = int(rng.integers(1, max(2, side // 40)))
+        kind = rng.integers(4)
+        if kind == 0:
+            draw.rectangle((x0, y0, x1, y1), fill=fill, outline=line, width=width)
+        elif kind == 1:
+            draw.ellipse((x0, y0, x1, y1), fill=fill, outline=line, width=width)
+        elif kind == 2:
+            n = int(rng.integers(3, 7))
+            draw.polygon([(x0 + rng.uniform(0, s), y0 + rng.uniform(0, s)) for _ in range(n)], fill=fill,
+                         outline=line)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour(rng), width=width)
+    return im
+
+
+def font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # a Pillow without FreeType: the one bitmap font
+        return ImageFont.load_default()
+
+
+def text(w, h, rng):
+    im = gradient(w, h, rng) if rng.random() < 0.5 else Image.new("RGB", (w, h), colour(rng))
+    draw = ImageDraw.Draw(im)
+    y = rng.uniform(-0.1, 0.2) * h
+    while y < h:
+        size = int(max(6, max(w, h) * rng.uniform(0.03, 0.2)))
+        words = "".join(rng.choice(list(LETTERS), size=int(rng.integers(3, 30))))
+        draw.text((rng.uniform(-0.2, 0.5) * w, y), words, fill=colour(rng), font=font(size))
+        y += size * rng.uniform(1.0, 2.0)
+    return im
+
+
+def texture(w, h, rng):
+    x, y = grid(w, h)
+    angle = rng.uniform(0, math.pi)
+    u, v = x * math.cos(angle) + y * math.sin(angle), -x * math.sin(angle) + y * math.cos(angle)
+    f = rng.uniform(3, 40)  # periods across the picture
+    kind = rng.integers(5)
+    if kind == 0:    # stripes
+        t = 0.5 + 0.5 * np.sin(2 * math.pi * f * u)
+    elif kind == 1:  # checkerboard
+        t = ((np.floor(f * u) + np.floor(f * v)) % 2).astype(np.float32)
+    elif kind == 2:  # plaid
+        t = 0.5 + 0.25 * (np.sin(2 * math.pi * f * u) + np.sin(2 * math.pi * f * rng.uniform(0.5, 2) * v))
+    elif kind == 3:  # dots
+        t = (np.hypot((f * u) % 1 - 0.5, (f * v) % 1 - 0.5) < rng.uniform(0.15, 0.45)).astype(np.float32)
+    else:            # bricks
+        row = np.floor(f * v)
+        t = (((f * v) % 1 < 0.15) | ((f * u / 2 + row / 2) % 1 < 0.08)).astype(np.float32)
+    t = t[..., None]
+    return to_image((1 - t) * np.array(colour(rng)) + t * np.array(colour(rng)))
+
+
+def mosaic_picture(w, h, pieces, rng, tiles=4):
+    """The cfp family: `tiles` x `tiles` pieces (PIL images) resized into tiles."""
+    picture = Image.new("RGB", (w, h))
+    tw, th = math.ceil(w / tiles), math.ceil(h / tiles)
+    for ty in range(tiles):
+        for tx in range(tiles):
+            picture.paste(pieces[rng.integers(len(pieces))].resize((tw, th), Image.BILINEAR), (tx * tw, ty * th))
+    return picture
+
+
+DRAW = {"gradient": gradient, "noise": noise, "shapes": shapes, "text": text, "texture": texture}
+
+
+def picture(family, w, h, rng, pieces=None):
+    """A w x h picture without a face of one family (cfp needs the background pieces)."""
+    if family == "cfp":
+        return mosaic_picture(w, h, pieces, rng)
+    if family not in DRAW:
+        raise ValueError(f"unknown background family {family!r} (choose from {', '.join(FAMILIES)})")
+    return DRAW[family](w, h, rng)
+
+
+def pictures(families, n, size, rng):
+    """n square pictures of the drawn families (not cfp), as uint8 (n, 3, size, size), in turn by family."""
+    out = np.stack([np.asarray(picture(families[k % len(families)], size, size, rng)) for k in range(n)])
+    return out.transpose(0, 3, 1, 2)
