@@ -14,6 +14,9 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+import align
+from images import open_image
+
 FAMILIES = ("cfp", "gradient", "noise", "shapes", "text", "texture")
 TRAIN_FAMILIES = ("cfp", "gradient", "noise", "shapes")   # what landmarks.py trains on by default
 HELD_OUT_FAMILIES = ("text", "texture")                   # what it is tested on, besides the training kinds
@@ -149,3 +152,47 @@ def pictures(families, n, size, rng):
     """n square pictures of the drawn families (not cfp), as uint8 (n, 3, size, size), in turn by family."""
     out = np.stack([np.asarray(picture(families[k % len(families)], size, size, rng)) for k in range(n)])
     return out.transpose(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------
+# Pictures larger than a face: a photo pasted into a background
+
+
+def backdrop(family, w, h, rng, pieces=None, detail=512):
+    """A w x h picture without a face; the drawn families at most `detail` pixels on the longer side, then
+    enlarged (the finder's closest look at a face pasted at 1/4 sees about that detail)."""
+    if family == "cfp":
+        return mosaic_picture(w, h, pieces, rng)
+    s = min(1.0, detail / max(w, h))
+    im = picture(family, max(1, round(w * s)), max(1, round(h * s)), rng)
+    return im if s == 1 else im.resize((w, h), Image.BILINEAR)
+
+
+def paste(im, fraction, family, rng, pieces=None):
+    """im pasted at a random place into a picture 1/fraction times its width and height, on a background of
+    the family. -> (picture, matrix from im's pixels to the picture's)."""
+    w, h = im.size
+    W, H = round(w / fraction), round(h / fraction)
+    picture = backdrop(family, W, H, rng, pieces)
+    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
+    picture.paste(im, (x0, y0))
+    return picture, np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
+
+
+def background_pieces(pictures, points, poses, frac=0.3):
+    """Corner squares of photos that stay outside their face boxes (PIL images)."""
+    out = []
+    for im, p, pose in zip(pictures, points, poses):
+        w, h = im.size
+        face, side = align.face_box(p, pose), int(frac * min(w, h))
+        for x, y in ((0, 0), (w - side, 0), (0, h - side), (w - side, h - side)):
+            if x + side <= face[0] or x >= face[2] or y + side <= face[1] or y >= face[3]:
+                out.append(im.crop((x, y, x + side, y + side)))
+    return out
+
+
+def backgrounds_of(cfp, indices, rng, n=400):
+    """Background pieces (background_pieces) from n of the photos `indices`, by their given landmarks."""
+    some = np.asarray(indices)[rng.choice(len(indices), min(len(indices), n), replace=False)]
+    return background_pieces([open_image(cfp.paths[i]) for i in some], cfp.landmarks[some],
+                             [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in some])

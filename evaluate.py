@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import export
+from backgrounds import FAMILIES
 from data import KINDS, NUM_FOLDS, join, load_cfp, load_dataset, read_pair_file, split_folds
 from faces import align_photos, prepare
 from images import ImageBank, file_sha1, file_thumbprints, same_pictures
@@ -112,6 +113,13 @@ def get_args_parser():
                         "(its landmark files, or its network's landmarks placed the same way); given = the landmark "
                         "files (the network where there are none); predicted = the network for every photo, one "
                         "at a time, as --pair finds a face (default: run)")
+    p.add_argument("--paste", type=float, default=None, metavar="FRACTION",
+                   help="fold evaluation of an aligned run: each photo pasted at a random place into a picture "
+                        "1/FRACTION its width and height, then its face found there (--align predicted) or its "
+                        "landmarks carried along (given): what a photo in a larger picture costs (default: off)")
+    p.add_argument("--paste-on", type=str, default="cfp", choices=FAMILIES, metavar="FAMILY",
+                   help=f"with --paste: the background family (backgrounds.py: {', '.join(FAMILIES)}); text and "
+                        f"texture are kept out of the landmark network's training (default: cfp)")
     p.add_argument("--benchmark", type=str, default=None, choices=["cfp"], help="cfp: CFP-FF/FP as the literature "
                    "reports them (each fold's threshold from the other nine), for a run that never saw CFP's people")
     p.add_argument("--export", type=str, default="", metavar="PATH", help="write the run's embedder (arch 2) and "
@@ -145,6 +153,9 @@ def main(args):
                         "--pair and --pairs use the run's own thresholds")
     if args.align == "predicted" and not args.landmark_net:
         raise UserError("--align predicted needs --landmark-net RUN (a network trained by landmarks.py)")
+    if args.paste is not None and not (0 < args.paste <= 1 and args.align in ("given", "predicted")):
+        raise UserError(f"--paste must be in (0, 1] and comes with --align given or predicted, got {args.paste} "
+                        f"with --align {args.align}")
     if args.export:
         model, ckpt = load_model(args.run, torch.device("cpu"))
         return export.export_run(model, ckpt, args.run, args.export)
@@ -261,8 +272,13 @@ def fold_bank(args, cfp, needed, v):
     training (--align run), from the files (given), or found photo by photo as --pair does (predicted).
     -> (bank, where the landmarks came from)"""
     where = v.device if v.device.type == "cuda" else "cpu"
-    if args.align == "predicted":
-        images, landmarks = align_photos(cfp, needed, v.finder, v.aligner, v.args["img_size"])
+    if args.paste is not None and (v.aligner is None or cfp.landmarks is None):
+        raise UserError(f"--paste: {args.run} aligns no face, or {cfp.root} has no landmark files to tell where "
+                        f"the pasted faces are")
+    if args.align == "predicted" or args.paste is not None:
+        finder = v.finder if args.align == "predicted" else None
+        images, landmarks = align_photos(cfp, needed, finder, v.aligner, v.args["img_size"], args.paste,
+                                         args.paste_on)
         return ImageBank.of(len(cfp.paths), needed, images.to(where)), landmarks
     landmarks = {"source": "none"}
     if v.aligner is not None:

@@ -13,9 +13,12 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 import align
+from backgrounds import backdrop, background_pieces, backgrounds_of, paste
 from images import normalise, open_image, warp
+from metrics import mean_found, nme
 from models import POSES, LandmarkNet
 from utils import UserError, load_checkpoint, load_weights
 
@@ -186,30 +189,37 @@ def place(cfp, todo, finder, log, chunk=4 * PLACE_BATCH):
     return dataclasses.replace(cfp, landmarks=landmarks, profile=profile), missed
 
 
-def align_photos(cfp, indices, finder, aligner, size, chunk=64):
+def align_photos(cfp, indices, finder, aligner, size, fraction=None, family="cfp", seed=0, chunk=64):
     """CFP photos aligned as a user's photo is, by the landmark network's landmarks (finder None: by the given
-    ones). -> (uint8 (N, 3, size, size), what was found: the share of photos whose face was found where the
-    given landmarks put it (face boxes' IoU >= 0.5))"""
+    ones); with fraction, each photo first pasted into a picture 1/fraction its size on a background of the
+    family, the given landmarks moved with it. -> (uint8 (N, 3, size, size), what was found: the share of photos
+    whose face was found where the given landmarks put it (face boxes' IoU >= 0.5))"""
+    rng = np.random.default_rng(seed)
     given = cfp.landmarks is not None  # where the faces really are, to tell whether each was found there
     true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices] if given else None
+    pieces = backgrounds_of(cfp, indices, rng) if fraction is not None and family == "cfp" else None
     out = torch.empty(len(indices), 3, size, size, dtype=torch.uint8)
     found, located = [], []
     for k in range(0, len(indices), chunk):
         rows = indices[k:k + chunk]
-        pictures = [open_image(cfp.paths[i]) for i in rows]
+        pictures, moved = [open_image(cfp.paths[i]) for i in rows], [np.eye(3)] * len(rows)
+        if fraction is not None:
+            pictures, moved = zip(*[paste(im, fraction, family, rng, pieces) for im in pictures])
+        true = [align.apply(m, cfp.landmarks[i]) for m, i in zip(moved, rows)] if given else None
         # one photo a look, as --pair looks at a photo: kernels that differ with the batch size would move the
         # landmarks by hundredths of a pixel, enough to move a score in its third decimal
         faces = finder.find_all(pictures, chunk=1) if finder is not None else \
-            [(cfp.landmarks[i], bool(cfp.profile[i]), pose, True) for i, pose in zip(rows, true_pose[k:k + chunk])]
+            [(p, bool(cfp.profile[i]), pose, True) for p, i, pose in zip(true, rows, true_pose[k:k + chunk])]
         for j, (im, (points, profile, pose, ok)) in enumerate(zip(pictures, faces)):
             out[k + j] = torch.from_numpy(np.asarray(warp(im, aligner.matrix(points, profile, size), size)).copy()
                                           ).permute(2, 0, 1)
             found.append(ok)
             if given:
-                box = align.face_box(cfp.landmarks[rows[j]], true_pose[k + j])
-                located.append(ok and iou(align.face_box(points, pose), box) >= 0.5)
+                located.append(ok and iou(align.face_box(points, pose), align.face_box(true[j], true_pose[k + j]))
+                               >= 0.5)
     source = {"source": "predicted", **finder.source} if finder is not None else {"source": "given"}
-    return out, {**source, "found": float(np.mean(found)),
+    pasted = {"paste": fraction, "paste_on": family} if fraction is not None else {}
+    return out, {**source, **pasted, "found": float(np.mean(found)),
                  "found_at_its_place": float(np.mean(located)) if given else None}
 
 
@@ -231,3 +241,69 @@ def build_aligner(args, cfp, train_images, resume=None):
     except ValueError as e:  # a template needs faces of its pose among the training images
         raise UserError(f"--align {args.align}: {e} among the training images of {args.data_root}; "
                         f"use --align box") from None
+
+
+# ---------------------------------------------------------------------------
+# How well a finder finds: CFP photos as they are, pasted into larger pictures, and pictures without a face
+
+
+def score_photos(finder, cfp, indices):
+    """The finder on CFP photos as they are: NME against the given landmarks, pose accuracy, misses."""
+    pictures = [open_image(cfp.paths[i]) for i in indices]
+    t = time.time()
+    found = finder.find(pictures)
+    seconds = time.time() - t
+    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
+    pred = np.stack([f[0] if f else np.full((30, 2), np.nan) for f in found])
+    errors = nme(pred, cfp.landmarks[indices], true_pose)
+    pose_ok = np.array([f is not None and f[2] == t for f, t in zip(found, true_pose)])
+    profile = cfp.profile[indices]
+    return {"nme_frontal": mean_found(errors[~profile]), "nme_profile": mean_found(errors[profile]),
+            "nme": errors,
+            "pose_acc": float(pose_ok.mean()), "found": float(np.mean([f is not None for f in found])),
+            "images": len(indices), "ms_per_photo": 1000 * seconds / len(indices)}, pictures, pred
+
+
+def found_in_pasted(finder, cfp, indices, fraction, family="cfp", seed=0):
+    """Each photo pasted into a picture 1/fraction its size on a background of the family (cfp: pieces of the
+    photos themselves): the share of pictures in which the face box found overlaps the given one by IoU >= 0.5,
+    of all photos and of frontal and profile ones apart, and the NME there."""
+    rng = np.random.default_rng(seed)
+    pictures = [open_image(cfp.paths[i]) for i in indices]
+    poses = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
+    pieces = background_pieces(pictures, cfp.landmarks[indices], poses) if family == "cfp" else None
+    hits, errors = [], []
+    for k in range(0, len(indices), 64):
+        batch = [paste(im, fraction, family, rng, pieces) for im in pictures[k:k + 64]]
+        found = finder.find([b[0] for b in batch])
+        for (_, m), f, i, pose in zip(batch, found, indices[k:k + 64], poses[k:k + 64]):
+            true = align.apply(m, cfp.landmarks[i])
+            ok = f is not None and iou(align.face_box(f[0], f[2]), align.face_box(true, pose)) >= 0.5
+            hits.append(ok)
+            errors.append(nme(f[0][None], true[None], [pose])[0] if f is not None else np.nan)
+    hits, profile = np.array(hits), cfp.profile[indices]
+    return {"found": float(hits.mean()), "found_frontal": float(hits[~profile].mean()) if (~profile).any() else None,
+            "found_profile": float(hits[profile].mean()) if profile.any() else None, "nme": mean_found(errors)}
+
+
+def found_in_backgrounds(finder, cfp, indices, family="cfp", seed=0):
+    """Pictures with no face of the family, each the size of one of the photos: the share in which a face is
+    found anyway (false faces)."""
+    rng = np.random.default_rng(seed)
+    pieces = backgrounds_of(cfp, indices, rng) if family == "cfp" else None
+    sizes = [Image.open(cfp.paths[i]).size for i in indices]
+    found = []
+    for k in range(0, len(sizes), 64):
+        pictures = [backdrop(family, w, h, rng, pieces) for w, h in sizes[k:k + 64]]
+        found += [f is not None for f in finder.find(pictures)]
+    return {"found": float(np.mean(found)), "pictures": len(found)}
+
+
+def test_held_out(finder, cfp, test, args):
+    """The finder on background families it never trained on: --held-out-images test photos pasted at 1/2 and
+    1/4 into pictures of each family, and as many pictures of the family alone."""
+    some = np.sort(np.random.default_rng(args.seed).permutation(test)[:args.held_out_images])
+    return {family: {"pasted_0.5": found_in_pasted(finder, cfp, some, 0.5, family, args.seed),
+                     "pasted_0.25": found_in_pasted(finder, cfp, some, 0.25, family, args.seed),
+                     "background_alone": found_in_backgrounds(finder, cfp, some, family, args.seed)}
+            for family in args.held_out}

@@ -1,11 +1,14 @@
 """Train the landmark network (models.LandmarkNet) that faces.py finds faces with, from CFP alone.
 
-From the training identities' photos, each pasted at a random place, scale and angle on a background cut from
-other photos (or a background alone: "no face"), it learns the face's pose (frontal, profile facing left or
-right) and CFP's 30 landmarks. It is tested on the test identities' photos as they are, pasted into larger
-pictures, and on pictures of backgrounds alone.
+From the training identities' photos, each pasted at a random place, scale and angle on a background of the
+training families (backgrounds.py: pieces of other photos, gradients, noise, scenes of shapes), or a background
+alone ("no face", half of those among its own false faces once it makes some), it learns the face's pose
+(frontal, profile facing left or right) and CFP's 30 landmarks. The threshold for a face found is chosen on a
+precision/recall curve of validation pictures. It is tested on the test identities' photos as they are, pasted
+into larger pictures and on backgrounds alone, of the training families and of held-out ones (text, textures).
 
     python landmarks.py --data-root cfp-dataset --out runs/landmarks     # train on the seed split's folds 1-6
+    python landmarks.py --out runs/landmarks --test-only                 # test it again (a new threshold too)
     python evaluate.py RUN --landmark-net runs/landmarks --align predicted   # the cost of predicted landmarks
     python evaluate.py RUN --landmark-net runs/landmarks --pair A.jpg B.jpg  # any two photos
 """
@@ -25,9 +28,12 @@ from PIL import Image
 
 import align
 import backgrounds
+from backgrounds import backdrop, backgrounds_of, paste
 from data import load_cfp, split_folds
-from faces import REFINE_MARGIN, FaceFinder, face_square, iou, letterbox, square_matrix
+from faces import (REFINE_MARGIN, FaceFinder, face_square, found_in_backgrounds, found_in_pasted, iou, letterbox,
+                   score_photos, square_matrix, test_held_out)
 from images import color_jitter, decode_image, mosaic, normalise, open_image, warp
+from metrics import mean_found, precision_recall
 from models import POSES, LandmarkNet
 from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dtype, atomic_save, atomic_write,
                    channels_last,
@@ -45,7 +51,7 @@ PROFILE_SHARE = 0.5        # profiles' share of the training views (CFP has 2/7;
 
 
 # ---------------------------------------------------------------------------
-# Geometry and measures
+# Geometry
 
 
 def sampling_theta(matrix, size_in, size_out):
@@ -54,19 +60,6 @@ def sampling_theta(matrix, size_in, size_out):
     def unit(n):  # pixels -> [-1, 1]
         return torch.tensor([[2 / n, 0, 1 / n - 1], [0, 2 / n, 1 / n - 1], [0, 0, 1]], dtype=matrix.dtype)
     return (unit(size_in) @ torch.linalg.inv(matrix) @ torch.linalg.inv(unit(size_out)))[..., :2, :]
-
-def mean_found(errors):
-    """The mean error over the faces found (a face not found has a NaN error); NaN when none was found."""
-    errors = np.asarray(errors, dtype=float)
-    errors = errors[~np.isnan(errors)]
-    return float(errors.mean()) if len(errors) else float("nan")
-
-
-def nme(pred, true, poses):
-    """Mean landmark error of each face, normalised by the side sqrt(w h) of its (given) face box."""
-    box = np.stack([align.face_box(t, p) for t, p in zip(true, poses)])
-    side = np.sqrt((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
-    return np.linalg.norm(pred - true, axis=2).mean(1) / side
 
 
 # ---------------------------------------------------------------------------
@@ -203,49 +196,6 @@ def mine_false_faces(d, net, families, size, rng, n=MINE):
 
 
 # ---------------------------------------------------------------------------
-# Pictures larger than the face: each photo pasted on a background of one family (backgrounds.py)
-
-
-def backdrop(family, w, h, rng, pieces=None, detail=512):
-    """A w x h picture without a face; the drawn families at most `detail` pixels on the longer side, then
-    enlarged (the finder's closest look at a face pasted at 1/4 sees about that detail)."""
-    if family == "cfp":
-        return backgrounds.mosaic_picture(w, h, pieces, rng)
-    s = min(1.0, detail / max(w, h))
-    im = backgrounds.picture(family, max(1, round(w * s)), max(1, round(h * s)), rng)
-    return im if s == 1 else im.resize((w, h), Image.BILINEAR)
-
-
-def paste(im, fraction, family, rng, pieces=None):
-    """im pasted at a random place into a picture 1/fraction times its width and height, on a background of
-    the family. -> (picture, matrix from im's pixels to the picture's)."""
-    w, h = im.size
-    W, H = round(w / fraction), round(h / fraction)
-    picture = backdrop(family, W, H, rng, pieces)
-    x0, y0 = int(rng.integers(0, W - w + 1)), int(rng.integers(0, H - h + 1))
-    picture.paste(im, (x0, y0))
-    return picture, np.array([[1.0, 0, x0], [0, 1.0, y0], [0, 0, 1]])
-
-
-def background_pieces(pictures, points, poses, frac=0.3):
-    """Corner squares of photos that stay outside their face boxes (PIL images)."""
-    out = []
-    for im, p, pose in zip(pictures, points, poses):
-        w, h = im.size
-        face, side = align.face_box(p, pose), int(frac * min(w, h))
-        for x, y in ((0, 0), (w - side, 0), (0, h - side), (w - side, h - side)):
-            if x + side <= face[0] or x >= face[2] or y + side <= face[1] or y >= face[3]:
-                out.append(im.crop((x, y, x + side, y + side)))
-    return out
-
-
-def backgrounds_of(cfp, indices, rng, n=400):
-    """Background pieces (background_pieces) from n of the photos `indices`, by their given landmarks."""
-    some = np.asarray(indices)[rng.choice(len(indices), min(len(indices), n), replace=False)]
-    return background_pieces([open_image(cfp.paths[i]) for i in some], cfp.landmarks[some],
-                             [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in some])
-
-# ---------------------------------------------------------------------------
 # Training
 
 
@@ -365,58 +315,6 @@ def train_one_epoch(net, d, opt, sched, epoch, args, gen, log):
     return meter.mean
 
 
-def score_photos(finder, cfp, indices):
-    """The finder on CFP photos as they are: NME against the given landmarks, pose accuracy, misses."""
-    pictures = [open_image(cfp.paths[i]) for i in indices]
-    t = time.time()
-    found = finder.find(pictures)
-    seconds = time.time() - t
-    true_pose = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
-    pred = np.stack([f[0] if f else np.full((30, 2), np.nan) for f in found])
-    errors = nme(pred, cfp.landmarks[indices], true_pose)
-    pose_ok = np.array([f is not None and f[2] == t for f, t in zip(found, true_pose)])
-    profile = cfp.profile[indices]
-    return {"nme_frontal": mean_found(errors[~profile]), "nme_profile": mean_found(errors[profile]),
-            "nme": errors,
-            "pose_acc": float(pose_ok.mean()), "found": float(np.mean([f is not None for f in found])),
-            "images": len(indices), "ms_per_photo": 1000 * seconds / len(indices)}, pictures, pred
-
-
-def found_in_pasted(finder, cfp, indices, fraction, family="cfp", seed=0):
-    """Each photo pasted into a picture 1/fraction its size on a background of the family (cfp: pieces of the
-    photos themselves): the share of pictures in which the face box found overlaps the given one by IoU >= 0.5,
-    of all photos and of frontal and profile ones apart, and the NME there."""
-    rng = np.random.default_rng(seed)
-    pictures = [open_image(cfp.paths[i]) for i in indices]
-    poses = [align.pose_of(cfp.landmarks[i], cfp.profile[i]) for i in indices]
-    pieces = background_pieces(pictures, cfp.landmarks[indices], poses) if family == "cfp" else None
-    hits, errors = [], []
-    for k in range(0, len(indices), 64):
-        batch = [paste(im, fraction, family, rng, pieces) for im in pictures[k:k + 64]]
-        found = finder.find([b[0] for b in batch])
-        for (_, m), f, i, pose in zip(batch, found, indices[k:k + 64], poses[k:k + 64]):
-            true = align.apply(m, cfp.landmarks[i])
-            ok = f is not None and iou(align.face_box(f[0], f[2]), align.face_box(true, pose)) >= 0.5
-            hits.append(ok)
-            errors.append(nme(f[0][None], true[None], [pose])[0] if f is not None else np.nan)
-    hits, profile = np.array(hits), cfp.profile[indices]
-    return {"found": float(hits.mean()), "found_frontal": float(hits[~profile].mean()) if (~profile).any() else None,
-            "found_profile": float(hits[profile].mean()) if profile.any() else None, "nme": mean_found(errors)}
-
-
-def found_in_backgrounds(finder, cfp, indices, family="cfp", seed=0):
-    """Pictures with no face of the family, each the size of one of the photos: the share in which a face is
-    found anyway (false faces)."""
-    rng = np.random.default_rng(seed)
-    pieces = backgrounds_of(cfp, indices, rng) if family == "cfp" else None
-    sizes = [Image.open(cfp.paths[i]).size for i in indices]
-    found = []
-    for k in range(0, len(sizes), 64):
-        pictures = [backdrop(family, w, h, rng, pieces) for w, h in sizes[k:k + 64]]
-        found += [f is not None for f in finder.find(pictures)]
-    return {"found": float(np.mean(found)), "pictures": len(found)}
-
-
 def main(args):
     check_args(args)
     torch.manual_seed(args.seed)
@@ -499,17 +397,6 @@ def threshold_pictures(cfp, indices, families, seed):
     return pictures, boxes
 
 
-def precision_recall(doubt, hit, face):
-    """For each threshold on P(no face) (found where it is below), precision, recall (faces found at their
-    place) and the false-face rate of the pictures without one. doubt, hit, face: (N,) -> (T, 4) rows."""
-    order = np.argsort(doubt)
-    d, hit, face = doubt[order], hit[order], face[order]
-    tp, found = np.cumsum(hit), np.arange(1, len(d) + 1)
-    false_faces = np.cumsum(~face)
-    edges = np.append((d[:-1] + d[1:]) / 2, 1.0)  # just above each picture's doubt
-    return np.stack([edges, tp / found, tp / max(face.sum(), 1), false_faces / max((~face).sum(), 1)], 1)
-
-
 def choose_threshold(args, cfp, val, log):
     """The found threshold with the best F1 on validation pictures (as many with a face as without), or
     --found-threshold; kept in best.pt, the curve in pr.csv and pr.png."""
@@ -570,17 +457,6 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
                     f"{v['background_alone']['found']:.4f}" for k, v in held_out.items()) + "; "
         f"{train_seconds / 60:.1f} min of training and {metrics['test_minutes']:.1f} of testing -> {args.out}")
     return metrics
-
-
-
-def test_held_out(finder, cfp, test, args):
-    """The finder on background families it never trained on: --held-out-images test photos pasted at 1/2 and
-    1/4 into pictures of each family, and as many pictures of the family alone."""
-    some = np.sort(np.random.default_rng(args.seed).permutation(test)[:args.held_out_images])
-    return {family: {"pasted_0.5": found_in_pasted(finder, cfp, some, 0.5, family, args.seed),
-                     "pasted_0.25": found_in_pasted(finder, cfp, some, 0.25, family, args.seed),
-                     "background_alone": found_in_backgrounds(finder, cfp, some, family, args.seed)}
-            for family in args.held_out}
 
 
 def test_again(args, cfp, sets, log):

@@ -7,6 +7,8 @@ import warnings
 
 import numpy as np
 
+import align
+
 FARS = (1e-2, 1e-3)
 MIN_FALSE_ACCEPTS = 10  # a TAR@FAR is quoted only where FAR x negatives >= this many pairs
 
@@ -115,3 +117,28 @@ def report(scores, labels, kinds, thresholds, names=("FF", "FP")):
         if sel.any() and kind in thresholds:
             out[kind] = verification_metrics(scores[sel], labels[sel], thresholds[kind])
     return out
+
+
+def mean_found(errors):
+    """The mean error over the faces found (a face not found has a NaN error); NaN when none was found."""
+    errors = np.asarray(errors, dtype=float)
+    errors = errors[~np.isnan(errors)]
+    return float(errors.mean()) if len(errors) else float("nan")
+
+
+def nme(pred, true, poses):
+    """Mean landmark error of each face, normalised by the side sqrt(w h) of its (given) face box."""
+    box = np.stack([align.face_box(t, p) for t, p in zip(true, poses)])
+    side = np.sqrt((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))
+    return np.linalg.norm(pred - true, axis=2).mean(1) / side
+
+
+def precision_recall(doubt, hit, face):
+    """For each threshold on P(no face) (found where it is below), precision, recall (faces found at their
+    place) and the false-face rate of the pictures without one. doubt, hit, face: (N,) -> (T, 4) rows."""
+    order = np.argsort(doubt)
+    d, hit, face = doubt[order], hit[order], face[order]
+    tp, found = np.cumsum(hit), np.arange(1, len(d) + 1)
+    false_faces = np.cumsum(~face)
+    edges = np.append((d[:-1] + d[1:]) / 2, 1.0)  # just above each picture's doubt
+    return np.stack([edges, tp / found, tp / max(face.sum(), 1), false_faces / max((~face).sum(), 1)], 1)

@@ -13,6 +13,7 @@ import evaluate
 import verify
 import faces
 import landmarks
+import metrics
 import train
 from conftest import cli, smoke_args
 from models import POSES, LandmarkNet
@@ -25,7 +26,8 @@ from utils import UserError
 def lm_run(toy_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm") / "landmarks"
     r = cli(landmarks, "--data-root", toy_lm, "--out", out, "--img-size", "32", "--epochs", "1",
-            "--batch-size", "16", "--val-images", "8", "--workers", "1")
+            "--batch-size", "16", "--val-images", "8", "--workers", "1",
+            "--found-threshold", "0.5")  # a one-epoch toy network's best F1 is 0: it would find nothing
     assert r.returncode == 0, r.stderr
     return out
 
@@ -377,7 +379,7 @@ def test_precision_recall_by_threshold():
     doubt = np.array([0.1, 0.2, 0.3, 0.9])        # found where P(no face) is below the threshold
     face = np.array([True, False, True, False])
     hit = np.array([True, False, False, False])   # the third face is found, but elsewhere
-    curve = landmarks.precision_recall(doubt, hit, face)
+    curve = metrics.precision_recall(doubt, hit, face)
     assert np.allclose(curve[:, 0], [0.15, 0.25, 0.6, 1.0])
     assert np.allclose(curve[:, 1], [1.0, 0.5, 1 / 3, 0.25]) and np.allclose(curve[:, 2], 0.5)
     assert np.allclose(curve[:, 3], [0.0, 0.5, 0.5, 1.0])
@@ -411,3 +413,19 @@ def test_test_only_tests_a_network_again_at_a_given_threshold(lm_run, toy_lm, tm
     assert "--test-only: testing" in (run / "log.txt").read_text()
     r = cli(landmarks, "--data-root", toy_lm, "--out", tmp_path / "none", "--test-only")
     assert r.returncode == 2 and "holds no landmark network" in r.stderr
+
+
+def test_fold_evaluation_of_photos_pasted_into_a_held_out_family(aligned_run, lm_run, toy_lm, tmp_path):
+    r = cli(evaluate, aligned_run, "--folds", "9", "--align", "given", "--paste", "0.5", "--paste-on", "text",
+            "--json", tmp_path / "given.json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "given.json").read_text())["landmarks"]
+    assert got["source"] == "given" and got["paste"] == 0.5 and got["paste_on"] == "text"
+    assert got["found_at_its_place"] == 1.0  # the given landmarks, carried into the picture
+    r = cli(evaluate, aligned_run, "--folds", "9", "--landmark-net", lm_run, "--align", "predicted", "--paste", "0.25",
+            "--json", tmp_path / "predicted.json")
+    assert r.returncode == 0, r.stderr
+    got = json.loads((tmp_path / "predicted.json").read_text())["landmarks"]
+    assert got["source"] == "predicted" and got["paste"] == 0.25 and got["paste_on"] == "cfp"
+    r = cli(evaluate, aligned_run, "--paste", "0.5")
+    assert r.returncode == 2 and "--align given or predicted" in r.stderr
