@@ -4,8 +4,7 @@
 
 Measures in one process: (a) model-only training steps on a batch already in memory (the ceiling),
 (b) end-to-end training steps through the real data path (uint8 image bank -> sampling -> augmentation
--> step), their ratio, (c) evaluation images/s, and, with --seed-baseline, the seed project's data path
-(PIL decode of both images of every pair at every step, two backbone calls per pair).
+-> step), their ratio, (c) evaluation images/s; with --amp, (a) in fp32 as well.
 The last line is `ratio X.XX` (end-to-end / model-only).
 """
 import argparse
@@ -13,17 +12,15 @@ import time
 
 import numpy as np
 import torch
-import torchvision.transforms as T
-from PIL import Image
 
 from align import ALIGN_MODES, Aligner
 from data import PairSet, load_cfp, split_folds
-from verify import evaluate, extract
-from images import ImageBank, decode_image, preprocess
+from images import ImageBank, preprocess
 from losses import Objective, build_loss
-from models import BACKBONES, build_model, pair_score
+from models import BACKBONES, build_model
 from toy import make_toy
 from utils import UserError, amp_dtype, channels_last, run_cli
+from verify import extract
 
 
 def get_args_parser():
@@ -38,17 +35,12 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=20, help="timed steps per measurement (default: 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--eval-images", type=int, default=512, help="images embedded for (c) (default: 512)")
-    p.add_argument("--eval-folds", type=int, nargs="+", default=None,
-                   help="also time evaluation of these folds' FF and FP pairs, decoding included: embed-once "
-                        "(verify.py) against embedding both images of every pair (default: off)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                    help="mixed precision as train.py --amp (bf16 autocast on GPUs and on CPUs with AVX-512-BF16 or "
                         "AMX), timed beside fp32 (default: off)")
     p.add_argument("--align", type=str, default="none", choices=ALIGN_MODES,
                    help="decode the faces into the bank aligned by the dataset's landmarks, as train.py --align "
                         "(the templates from the seed split's training folds) (default: none)")
-    p.add_argument("--seed-baseline", action=argparse.BooleanOptionalAction, default=False,
-                   help="also time the seed's data path (default: off)")
     p.add_argument("--device", type=str, default="auto", choices=["auto", "cpu", "cuda"], help="(default: auto)")
     return p
 
@@ -56,28 +48,6 @@ def get_args_parser():
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def eval_compare(model, cfp, folds, size, device, batch_size=64):
-    """Wall time of a full evaluation, JPEG decoding included: embed-once vs both images of every pair."""
-    pairs, _ = cfp.pairs(folds)
-    t = time.perf_counter()
-    bank = ImageBank(cfp, pairs[:, :2].ravel(), size, device=device if device.type == "cuda" else "cpu")
-    res = evaluate(model, bank, pairs, None, batch_size, device)
-    once = time.perf_counter() - t
-    t = time.perf_counter()
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(pairs), batch_size // 2):
-            rows = pairs[i:i + batch_size // 2]
-            x1 = torch.stack([decode_image(cfp.paths[a], size) for a in rows[:, 0]]).to(device)
-            x2 = torch.stack([decode_image(cfp.paths[b], size) for b in rows[:, 1]]).to(device)
-            scores.append(pair_score(model(preprocess(x1), preprocess(x2))).float().cpu())
-    per_pair = time.perf_counter() - t
-    assert np.allclose(torch.cat(scores).numpy(), res["scores"], atol=1e-4)  # the same numbers, both ways
-    print(f"evaluation of folds {folds}: {len(pairs)} pairs; embed-once {res['num_embedded']} images "
-          f"{once:.1f}s; per-pair {2 * len(pairs)} images {per_pair:.1f}s; embed-once / per-pair "
-          f"{once / per_pair:.2f}")
 
 
 def load_bank(args, device):
@@ -103,7 +73,7 @@ def load_bank(args, device):
 
 
 class Steps:
-    """One training step of each kind: on a fixed batch, through the real data path, and the seed's path."""
+    """One training step of each kind: on a fixed batch, and through the real data path."""
 
     def __init__(self, args, device, cfp, pairs, bank):
         self.args, self.device, self.cfp, self.pairs, self.bank = args, device, cfp, pairs, bank
@@ -117,8 +87,6 @@ class Steps:
         self.fmt = torch.channels_last if channels_last(device, self.dtype) else torch.contiguous_format
         self.model = self.model.to(memory_format=self.fmt)
         self.order = torch.randperm(len(pairs))
-        self.seed_tf = T.Compose([T.Resize((args.img_size, args.img_size)), T.RandomHorizontalFlip(),
-                                  T.RandomRotation(20), T.ToTensor()])
         self.fixed = self.real_batch(0)
         self.fixed32 = ([x.contiguous() for x in self.fixed[0]], self.fixed[1])
 
@@ -141,23 +109,10 @@ class Steps:
                   for x in inputs]
         return inputs, target.to(self.device, non_blocking=True)
 
-    def seed_step(self, i):
-        """The seed's path: PIL-decode both images of every pair, torchvision transforms, two backbone calls."""
-        rows = self.pairs.pairs[self.rows(i)]
-        x1, x2 = (torch.stack([self.seed_tf(Image.open(self.cfp.paths[a]).convert("RGB")) for a in rows[:, c]])
-                  .to(self.device) for c in (0, 1))
-        with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=bool(self.dtype)):
-            f1, f2 = self.model(x1), self.model(x2)
-            loss = self.objective.criterion(self.model.compare(f1, f2), rows[:, 2].to(self.device))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
 
 def time_steps(s, args):
     """Seconds and step counts of each path, measured in interleaved blocks so that machine noise hits all."""
-    timings = {"model-only": [], "end-to-end": [], "seed baseline": [], "model-only fp32": []}
+    timings = {"model-only": [], "end-to-end": [], "model-only fp32": []}
 
     def timed(name, k, run):
         sync(s.device)
@@ -179,8 +134,6 @@ def time_steps(s, args):
                 s.model.to(memory_format=torch.contiguous_format)
             timed("model-only fp32", k, lambda i: s.step(*s.fixed32, amp=False))
             s.model.to(memory_format=s.fmt)
-        if args.seed_baseline:
-            timed("seed baseline", k, lambda i: s.seed_step(b + i))
     return timings
 
 
@@ -212,8 +165,6 @@ def report(s, args, timings, rate, decode_s):
     print(f"{'evaluation':<16}{'':>10}{'':>10}{rate:>10.1f}")
     if "model-only fp32" in rates:
         print(f"model-only, {precision} autocast / fp32: {rates['model-only'] / rates['model-only fp32']:.2f}x")
-    if "seed baseline" in rates:
-        print(f"end-to-end / seed baseline: {rates['end-to-end'] / rates['seed baseline']:.2f}x")
     print(f"ratio {rates['end-to-end'] / rates['model-only']:.2f}")
 
 
@@ -230,8 +181,6 @@ def main(args):
         print("--amp: this CPU has no fast bf16 (AVX-512-BF16 or AMX): timing fp32 only")
     timings = time_steps(steps, args)
     rate = eval_rate(steps, args)
-    if args.eval_folds:
-        eval_compare(steps.model, cfp, args.eval_folds, args.img_size, device)
     report(steps, args, timings, rate, decode_s)
 
 

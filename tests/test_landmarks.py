@@ -260,7 +260,7 @@ def test_the_heatmap_head_reads_each_landmark_where_its_heatmap_peaks(tmp_path):
     # a checkpoint of a heatmap network loads as one; one of the dropped flat head is refused in one line
     path = tmp_path / "best.pt"
     torch.save({"model": LandmarkNet(32).state_dict(), "args": {"img_size": 32, "maxpool": True},
-                "poses": POSES, "epoch": 1}, path)
+                "poses": POSES, "epoch": 1, "found_threshold": 0.5}, path)
     assert faces.FaceFinder.load(str(path)).net.img_size == 32
     torch.save({"model": {"head.weight": torch.zeros(1)}, "args": {"img_size": 32, "head": "flatten"},
                 "poses": POSES, "epoch": 1}, path)
