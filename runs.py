@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data import dataset_label, write_pair_file
+from data import IdentityPairSet, dataset_label, write_pair_file
 from plots import plot_inputs
 from utils import DiskFull, UserError, atomic_save, atomic_write, git_state, load_checkpoint, write_json
 
@@ -98,6 +98,17 @@ def open_run(args, world):
                 "fingerprint", "content")
         atomic_save({k: resume[k] for k in keep}, best)  # the last epoch was the best one
     return resume
+
+
+def same_data(resume, args, fingerprint=None, content=None):
+    """A resumed run reads the dataset it was trained on: the same protocol files and image list (fingerprint),
+    and, once decoded, the same pixels (content)."""
+    if resume and fingerprint is not None and resume["fingerprint"] != fingerprint:
+        raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
+                        f"files or image list differ); use the run's own --data-root, or another --out")
+    if resume and content is not None and resume["content"] != content:
+        raise UserError(f"--resume: the images in {args.data_root} are not those {args.out} was trained on (their "
+                        f"contents changed); put them back, or start again with --overwrite")
 
 
 def check_compatible(saved, args, source, keys=MODEL_KEYS):
@@ -196,6 +207,22 @@ def data_record(run):
             "evaluated_on": f"CFP root {args.eval_root}, protocol {args.protocol}" if args.eval_root else
             "held-out identities (0.1 each for validation and test): pairs_val.txt, pairs_test.txt",
             "folds": run.folds}
+
+
+def describe_data(run, seconds):
+    """The log's lines on what the run trains, validates and tests on."""
+    args, cfp, folds, train_images, lines = run.args, run.cfp, run.folds, run.train_images, []
+    if cfp.layout == "folders":
+        lines.append(f"data: {args.data_root} is an identity-folder dataset: "
+                     f"{len(np.unique(cfp.identity[train_images]))} training identities, {len(train_images)} images; "
+                     f"validation and test " + (f"on {args.eval_root}, protocol {args.protocol}" if args.eval_root else
+                     f"on pairs of held-out identities ({os.path.join(args.out, 'pairs_val.txt')}, pairs_test.txt)"))
+    drawn = ", drawn from identities" if isinstance(run.train_set, IdentityPairSet) else ""
+    lines.append(f"data: {len(run.train_set)} training {run.train_set.sampling} per epoch (folds {folds['train']}"
+                 f"{drawn}), {len(run.val_pairs[0])} validation pairs {folds['val']}, {len(run.test_pairs[0])} test "
+                 f"pairs {folds['test']}; {len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) "
+                 f"decoded in {seconds:.1f}s")
+    return lines
 
 
 def view_name(args):

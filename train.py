@@ -17,15 +17,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES
-from data import KINDS, IdentityPairSet, check_not_seen, split, split_folds, training_set
+from data import KINDS, check_not_seen, split, split_folds, training_set
 from faces import build_aligner, prepare
 from images import RESIZE_MODES, ImageBank, preprocess, writable_dir
 from losses import ARCH_LOSSES, LOSSES, Objective, build_loss
 from metrics import report, thresholds_by_kind
 from models import BACKBONES, build_model
 from plots import import_pyplot, plot_curves, plot_errors, plot_roc
-from runs import (SELECTED_BY, Interrupted, RunLock, continue_advice, open_run, record_run, saved_on_interrupt,
-                  view_name, write_scores)
+from runs import (SELECTED_BY, Interrupted, RunLock, continue_advice, describe_data, open_run, record_run, same_data,
+                  saved_on_interrupt, write_scores)
 from toy import make_toy
 from utils import (Logger, Progress, UserError, all_reduce_mean, amp_autocast, amp_dtype, atomic_save, channels_last,
                    hms, init_distributed, load_checkpoint, load_weights, lr_lambda, run_cli, write_history,
@@ -91,9 +91,9 @@ def add_model_args(g):
 
 def add_data_args(g):
     g.add_argument("--data-root", type=str, default=os.environ.get("CFP_ROOT", "cfp-dataset"),
-                   help="CFP folder in the official layout, or any face dataset as one folder per identity "
-                        "(ROOT/IDENTITY/*.jpg, told apart by the layout) (default: $CFP_ROOT, else ./cfp-dataset); "
-                        "a folder named toy that does not exist yet is written first with the synthetic toy dataset")
+                   help="CFP in its official layout, or one folder per identity (ROOT/IDENTITY/*.jpg); a missing "
+                        "folder named toy is written first, the synthetic toy set (default: $CFP_ROOT, else "
+                        "./cfp-dataset)")
     g.add_argument("--eval-root", type=str, default="", metavar="CFP_ROOT",
                    help="identity folders: validate and test on this CFP root's folds of --protocol (default: "
                         "pairs of held-out identities, saved in the run folder)")
@@ -103,13 +103,11 @@ def add_data_args(g):
     g.add_argument("--test-fold", type=int, default=None, help="test fold K for --protocol 10fold (1..10)")
     g.add_argument("--img-size", type=int, default=224, help="square input size in pixels (default: 224)")
     g.add_argument("--resize", type=str, default="pad", choices=RESIZE_MODES,
-                   help="--align none: to the square by pad (keep the aspect ratio, black borders) or squash "
-                        "(stretch, the seed's transform) (default: pad)")
+                   help="--align none: pad (black borders) or squash (the seed's stretch) to the square (default: pad)")
     g.add_argument("--align", type=str, default=None, choices=ALIGN_MODES,
-                   help="faces by the dataset's landmarks (align.py): template = a similarity transform onto the "
-                        "training faces' mean shape, one for frontal faces and one for profiles, profiles mirrored "
-                        "to face right; box = a square around the landmarks; none = the whole image by --resize "
-                        "(default: template when the dataset has Data/Fiducials, else none)")
+                   help="template: a similarity transform onto the training faces' mean shape (one per pose, "
+                        "profiles mirrored to face right); box: a square around the landmarks; none: the whole image "
+                        "by --resize (align.py) (default: template where the dataset has Data/Fiducials, else none)")
     g.add_argument("--landmark-net", type=str, default="", metavar="RUN",
                    help="a landmark network (landmarks.py) that places the landmarks of images without a landmark "
                         "file, once, before training (default: none)")
@@ -274,9 +272,7 @@ def prepare_data(run, resume):
     cfp, run.folds, train_images, run.val_pairs, run.test_pairs = split(args.data_root, args.eval_root,
                                                                        args.protocol, args.test_fold, args.seed,
                                                                        pairs_dir)
-    if resume and resume["fingerprint"] != cfp.fingerprint:
-        raise UserError(f"--resume: {args.data_root} is not the dataset {args.out} was trained on (its protocol "
-                        f"files or image list differ); use the run's own --data-root, or another --out")
+    same_data(resume, args, fingerprint=cfp.fingerprint)
     cfp, run.landmarks = prepare(cfp, vars(args), log)
     run.cfp, run.train_images, run.aligner = cfp, train_images, build_aligner(args, cfp, train_images, resume)
     run.train_set = training_set(LOSSES[args.loss].sampling, args.pairs_from, cfp, run.folds, train_images)
@@ -286,20 +282,9 @@ def prepare_data(run, resume):
                          run.device if run.device.type == "cuda" else "cpu", resize=args.resize, aligner=run.aligner)
     if args.eval_root:  # the evaluation's images under other names among the training folders' images
         check_not_seen(run.bank, train_images, needed[len(train_images):], cfp, args.data_root, args.eval_root)
-    if resume and resume["content"] != run.bank.content:
-        raise UserError(f"--resume: the images in {args.data_root} are not those {args.out} was trained on (their "
-                        f"contents changed); put them back, or start again with --overwrite")
-    folds = run.folds
-    if cfp.layout == "folders":
-        log(f"data: {args.data_root} is an identity-folder dataset: {len(np.unique(cfp.identity[train_images]))} "
-            f"training identities, {len(train_images)} images; validation and test "
-            + (f"on {args.eval_root}, protocol {args.protocol}" if args.eval_root else
-               f"on pairs of held-out identities ({os.path.join(args.out, 'pairs_val.txt')}, pairs_test.txt)"))
-    log(f"data: {len(run.train_set)} training {run.train_set.sampling} per epoch (folds {folds['train']}"
-        f"{', drawn from identities' if isinstance(run.train_set, IdentityPairSet) else ''}), "
-        f"{len(run.val_pairs[0])} validation pairs {folds['val']}, {len(run.test_pairs[0])} test pairs "
-        f"{folds['test']}; {len(run.bank.indices)} images at {args.img_size}px ({view_name(args)}) decoded in "
-        f"{time.time() - t:.1f}s")
+    same_data(resume, args, content=run.bank.content)
+    for line in describe_data(run, time.time() - t):
+        log(line)
 
 
 def build(run):
