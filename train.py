@@ -92,8 +92,7 @@ def add_model_args(g):
 def add_data_args(g):
     g.add_argument("--data-root", type=str, default=os.environ.get("CFP_ROOT", "cfp-dataset"),
                    help="CFP in its official layout, or one folder per identity (ROOT/IDENTITY/*.jpg); a missing "
-                        "folder named toy is written first, the synthetic toy set (default: $CFP_ROOT, else "
-                        "./cfp-dataset)")
+                        "toy/ is written first (default: $CFP_ROOT, else ./cfp-dataset)")
     g.add_argument("--eval-root", type=str, default="", metavar="CFP_ROOT",
                    help="identity folders: validate and test on this CFP root's folds of --protocol (default: "
                         "pairs of held-out identities, saved in the run folder)")
