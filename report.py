@@ -120,7 +120,30 @@ def summarize(root):
         for r in raw:
             lines += ["", f"{r['configuration']}, folds {r['folds']}:"]
             lines += [f"  {k}: " + " ".join(f"{v:.4f}" for v in r[k]) for k in r if k.endswith(("acc", "auc", "eer"))]
+        for old, new in zip(raw, raw[1:]):
+            lines += paired(old, new)
     return "\n".join(warnings + lines) + "\n", raw
+
+
+def paired(old, new):
+    """Two 10-fold configurations fold by fold, on the folds both have: test FF and FP accuracy of each, the
+    difference (new - old), its mean and standard error (sample sd / sqrt(folds))."""
+    common = sorted(set(old["folds"]) & set(new["folds"]))
+    if len(common) < 2:
+        return []
+    at = {r["configuration"]: {k: dict(zip(r["folds"], r[f"{k} acc"])) for k in KINDS} for r in (old, new)}
+    a, b = at[old["configuration"]], at[new["configuration"]]
+    lines = ["", f"Paired, fold by fold: {new['configuration']} (new) against {old['configuration']} (old)", "",
+             "| fold | FF old | FF new | FF new - old | FP old | FP new | FP new - old |", "|" + "---|" * 7]
+    diffs = {k: [b[k][f] - a[k][f] for f in common] for k in KINDS}
+    for i, f in enumerate(common):
+        lines.append(f"| {f} | " + " | ".join(f"{a[k][f]:.4f} | {b[k][f]:.4f} | {diffs[k][i]:+.4f}" for k in KINDS)
+                     + " |")
+    se = {k: float(np.std(diffs[k], ddof=1) / np.sqrt(len(common))) for k in KINDS}
+    lines.append(f"| mean ({len(common)} folds) | " + " | ".join(
+        f"{np.mean([a[k][f] for f in common]):.4f} | {np.mean([b[k][f] for f in common]):.4f} | "
+        f"{np.mean(diffs[k]):+.4f} +- {se[k]:.4f}" for k in KINDS) + " |")
+    return lines
 
 
 def tenfold_values(key, by_fold):

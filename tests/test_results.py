@@ -64,3 +64,14 @@ def test_a_ten_fold_row_says_whether_its_folds_share_one_commit_and_one_precisio
     table, _ = report.summarize(os.path.join(ROOT, "results", "cfp-10fold"))
     row = next(line for line in table.splitlines() if line.startswith("| r18_arcface_64px_template_s8 | 10 |"))
     assert row.endswith("MIXED: 8 commits, uncommitted changes; bfloat16 and float32 MIXED |")  # as committed
+
+
+def test_the_paired_comparison_of_two_ten_fold_configurations():
+    import report
+    old = {"configuration": "old", "folds": [1, 2, 3], "FF acc": [0.80, 0.82, 0.84], "FP acc": [0.70, 0.75, 0.80]}
+    new = {"configuration": "new", "folds": [2, 3, 4], "FF acc": [0.85, 0.85, 0.90], "FP acc": [0.74, 0.83, 0.9]}
+    lines = report.paired(old, new)
+    assert lines[3].startswith("| fold |") and [line.split(" | ")[0] for line in lines[5:7]] == ["| 2", "| 3"]
+    # on folds 2 and 3: FF +0.03 and +0.01 (mean +0.02, se 0.01); FP -0.01 and +0.03 (mean +0.01, se 0.02)
+    assert lines[-1] == "| mean (2 folds) | 0.8300 | 0.8500 | +0.0200 +- 0.0100 | 0.7750 | 0.7850 | +0.0100 +- 0.0200 |"
+    assert report.paired(old, {**new, "folds": [3, 4, 5]}) == []  # one common fold: no standard error
