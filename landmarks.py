@@ -41,8 +41,8 @@ from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dty
 
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
-FACE_SCALE = (0.06, 0.85)  # a training face's box side, as a fraction of the view's side (0.12 before faces
-                           # pasted at 1/4 and smaller were trained on)
+FACE_SCALE = (0.12, 0.85)  # a training face's box side, as a fraction of the view's side (smaller faces are
+                           # seen twice as large by the first look's tiles, faces.TILE; 0.06 found fewer)
 DRAWN = 1024               # pictures of the drawn background families kept for the views; a quarter new each epoch
 HARD = 1024                # the most recent false faces kept as "no face" views
 MINE = 256                 # background pictures the network looks at after each epoch for its false faces
