@@ -466,6 +466,11 @@ def test_again(args, cfp, sets, log):
     with open(os.path.join(args.out, "metrics.json")) as f:
         minutes = json.load(f)["train_minutes"]
     log(f"--test-only: testing {args.out}/best.pt again")
+    path = os.path.join(args.out, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config.setdefault("retests", []).append({"command": " ".join(["python"] + sys.argv), **git_state()})
+    write_json(path, config)
     choose_threshold(args, cfp, sets["val"], log)
     return test_and_report(args, cfp, sets, history, minutes * 60, log)
 
