@@ -392,8 +392,8 @@ def test_pair_lists_stream_and_take_any_separator(fold3_run, toy, tmp_path, monk
     lines = [f"{images[0]}\t{images[1]}  ", f"{images[1]} {images[0]}   "] * 5000
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     decoded = []
-    real = evaluate.decode_image
-    monkeypatch.setattr(evaluate, "decode_image", lambda p, *a: decoded.append(p) or real(p, *a))
+    real = verify.decode_image
+    monkeypatch.setattr(verify, "decode_image", lambda p, *a: decoded.append(p) or real(p, *a))
     r = cli(evaluate, fold3_run, "--pairs", tmp_path / "list.txt")
     assert r.returncode == 0, r.stderr
     rows = r.stdout.strip().splitlines()
