@@ -225,8 +225,12 @@ def landmark_tables(folder):
         try:
             c, m = read_json(os.path.join(run, "config.json")), read_json(os.path.join(run, "metrics.json"))
             a, t = c["args"], m["test"]
-            share, alone = a.get("profile_share"), m.get("background_alone", {}).get("found")
-            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {a.get('head', 'flatten')} | "
+            # since --refine-jitter, no head or profile share is named: the heatmap head, 0.5 (PROFILE_SHARE)
+            later = "refine_jitter" in a
+            head = a.get("head") or ("heatmap" if later else "flatten")
+            share = a["profile_share"] if "profile_share" in a else (0.5 if later else None)
+            alone = m.get("background_alone", {}).get("found")
+            lines.append(f"| {os.path.relpath(run, folder)} | {a['protocol']} | {head} | "
                          f"{'each photo once' if share is None else share} | {a['img_size']} | {a['epochs']} | "
                          f"{m['train_minutes']:.1f} | {t['nme_frontal']:.4f} | {t['nme_profile']:.4f} | "
                          f"{t['pose_acc']:.4f} | {m['pasted_0.5']['found']:.4f} | {m['pasted_0.25']['found']:.4f} | "
