@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 class BCEPairLoss(nn.Module):
     """Architecture 1, one logit: binary cross-entropy on the logit (never on a sigmoid)."""
-    sampling = "pairs"
+    sampling, margin_range = "pairs", None  # margin_range: what --margin may be (None: the loss has none)
 
     def forward(self, logits, same):  # (B, 1), (B,)
         return F.binary_cross_entropy_with_logits(logits[:, 0], same.float())
@@ -20,7 +20,7 @@ class BCEPairLoss(nn.Module):
 
 class CEPairLoss(nn.Module):
     """Architecture 1, two logits (different, same): cross-entropy."""
-    sampling = "pairs"
+    sampling, margin_range = "pairs", None
 
     def forward(self, logits, same):  # (B, 2), (B,)
         return F.cross_entropy(logits, same)
@@ -32,7 +32,7 @@ class CosinePairLoss(nn.Module):
         loss = 1 - cos            for same pairs
                max(0, cos - m)    for different pairs
     """
-    sampling = "pairs"
+    sampling, margin_range = "pairs", (-1.0, 1.0)
 
     def __init__(self, margin=0.5):
         super().__init__()
@@ -49,7 +49,7 @@ class MarginSoftmax(nn.Module):
     logits = s * cos, with the target entry replaced by s * psi(cos_iy); then cross-entropy.
     The centres are only for training: verification compares embeddings by cosine.
     """
-    sampling = "images"
+    sampling, margin_range = "images", (0.0, 1.0)
 
     def __init__(self, num_classes, embed_dim, scale, margin):
         super().__init__()

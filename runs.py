@@ -63,7 +63,10 @@ class RunLock:
         for tmp in glob.glob(os.path.join(glob.escape(folder), "*.tmp[0-9]*")):  # --out is a path, not a pattern
             os.remove(tmp)
 
-    def release(self):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
         if self.file:
             self.file.close()
             self.file = None

@@ -5,6 +5,7 @@
     torchrun --nproc_per_node 2 train.py ...   (DistributedDataParallel; same flags)
 """
 import argparse
+import contextlib
 import math
 import os
 import time
@@ -142,17 +143,13 @@ def check_args(args):
         args.out = os.path.join("runs", name + (f"_fold{args.test_fold}" if args.test_fold else ""))
 
 
-MARGIN_RANGE = {"cosine": (-1.0, 1.0), "arcface": (0.0, 1.0), "cosface": (0.0, 1.0)}
-
-
 def check_ranges(args):
     """Every numeric flag inside its range, one line naming the first that is not."""
     def need(ok, flag, what):
         if not ok:
             raise UserError(f"--{flag.replace('_', '-')} must be {what}, got {getattr(args, flag)}")
     for flag in ("lr", "weight_decay", "warmup_epochs", "freeze", "dropout", "margin", "scale", "clutter"):
-        value = getattr(args, flag)
-        need(value is None or math.isfinite(value), flag, "a finite number")
+        need(getattr(args, flag) is None or math.isfinite(getattr(args, flag)), flag, "a finite number")
     for flag in ("batch_size", "epochs", "img_size"):
         need(getattr(args, flag) >= 1, flag, "at least 1")
     for flag in ("workers", "warmup_epochs", "weight_decay"):
@@ -164,8 +161,8 @@ def check_ranges(args):
     need(0 <= args.clutter <= 1, "clutter", "in [0, 1]")
     need(args.img_size >= 32, "img_size", "at least 32 (five stride-2 stages)")
     need(args.scale is None or args.scale > 0, "scale", "positive")
-    if args.margin is not None and args.loss in MARGIN_RANGE:
-        low, high = MARGIN_RANGE[args.loss]
+    if args.margin is not None and LOSSES[args.loss].margin_range:
+        low, high = LOSSES[args.loss].margin_range
         need(low <= args.margin <= high, "margin", f"in [{low:g}, {high:g}] for --loss {args.loss}")
 
 
@@ -176,7 +173,7 @@ def check_combinations(args):
         (args.loss not in ARCH_LOSSES[args.arch], f"--loss {args.loss} does not fit --arch {args.arch} "
                                                   f"(choose from {', '.join(ARCH_LOSSES[args.arch])})"),
         (args.variation and args.arch != 1, "--variation only applies to --arch 1"),
-        (args.margin is not None and args.loss not in MARGIN_RANGE,
+        (args.margin is not None and not LOSSES[args.loss].margin_range,
          f"--margin does not apply to --loss {args.loss} (only to cosine, arcface and cosface)"),
         (args.scale is not None and sampling != "images",
          f"--scale does not apply to --loss {args.loss} (only to arcface and cosface)"),
@@ -195,19 +192,15 @@ def check_combinations(args):
         if broken:
             raise UserError(message)
     if args.protocol == "10fold":
-        split_folds(args.protocol, args.test_fold)
+        split_folds(args.protocol, args.test_fold)  # refuses a missing or impossible --test-fold
 
 
 def main(args):
     check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, device = init_distributed(device)
-    lock = RunLock(args.out) if rank == 0 else None  # one run per folder, from the start
-    try:
+    with RunLock(args.out) if rank == 0 else contextlib.nullcontext():  # one run per folder, from the start
         return fit(args, device, rank, world)
-    finally:
-        if lock:
-            lock.release()
 
 
 def fit(args, device, rank, world):
@@ -230,8 +223,7 @@ def fit(args, device, rank, world):
             # every epoch's randomness is a function of (seed, epoch, rank): resuming repeats it exactly
             torch.manual_seed(int(np.random.SeedSequence([args.seed, epoch, rank]).generate_state(1)[0]))
             t, lr = time.time(), run.optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(run, epoch)
-            val = validate(run)
+            stats, val = train_one_epoch(run, epoch), validate(run)
             end_epoch(run, epoch, {"epoch": epoch + 1, "lr": lr, "lr_end": run.optimizer.param_groups[0]["lr"],
                                    "train_loss": stats["train_loss"], **val, "seconds": round(time.time() - t, 1)})
     with saved_on_interrupt(run, "interrupted during the final test: every epoch is saved; ", " (it only tests)"):
@@ -267,10 +259,8 @@ def prepare_data(run, resume):
         log(f"wrote the synthetic toy dataset (drawn cartoon faces, not people) to {args.data_root}")
     if run.world > 1:
         dist.barrier()
-    pairs_dir = args.out if resume else None  # a resumed held-out run reads its own pairs again
-    cfp, run.folds, train_images, run.val_pairs, run.test_pairs = split(args.data_root, args.eval_root,
-                                                                       args.protocol, args.test_fold, args.seed,
-                                                                       pairs_dir)
+    cfp, run.folds, train_images, run.val_pairs, run.test_pairs = split(  # a resumed run reads its pairs again
+        args.data_root, args.eval_root, args.protocol, args.test_fold, args.seed, args.out if resume else None)
     same_data(resume, args, fingerprint=cfp.fingerprint)
     cfp, run.landmarks = prepare(cfp, vars(args), log)
     run.cfp, run.train_images, run.aligner = cfp, train_images, build_aligner(args, cfp, train_images, resume)
@@ -289,10 +279,9 @@ def prepare_data(run, resume):
 def build(run):
     """Network, loss, optimizer, schedule and gradient scaler."""
     args, device = run.args, run.device
-    run.model = build_model(args).to(device)
+    run.model, run.channels_last = build_model(args).to(device), channels_last(device, run.dtype)
     run.criterion = build_loss(args.loss, num_classes=getattr(run.train_set, "num_classes", None),
                                embed_dim=run.model.embed_dim, margin=args.margin, scale=args.scale).to(device)
-    run.channels_last = channels_last(device, run.dtype)
     if run.channels_last:
         run.model = run.model.to(memory_format=torch.channels_last)
     run.optimizer = build_optimizer(args, [run.model, run.criterion])
@@ -321,8 +310,8 @@ def build_optimizer(args, modules):
 
 def restore(run, resume):
     """Where training starts: epoch 0, or the state of last.pt (model, loss, optimizer, schedule, scaler)."""
-    run.epoch, run.history, run.best, run.steps = 0, [], {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}, []
-    run.step = 0  # optimizer steps so far, for the per-step curve
+    run.epoch, run.step, run.history, run.steps = 0, 0, [], []  # run.step: optimizer steps, for the step curve
+    run.best = {"val_acc": -1.0, "epoch": 0, "threshold": 0.0}
     if not resume:
         return
     args, path = run.args, os.path.join(run.args.out, "last.pt")
@@ -392,14 +381,12 @@ def validate(run):
     row = {"val_loss": val["loss"], "val_acc": chosen["all"][1], "threshold": chosen["all"][0]}
     for kind in KINDS:  # NaN where there are no pairs of a kind (held-out pairs of identity folders)
         row[f"val_acc_{kind}"], row[f"threshold_{kind}"] = chosen.get(kind, (math.nan, math.nan))[::-1]
-    row["val_score_same"] = float(val["scores"][same].mean())  # the cosine, for arch 2: collapse shows here
-    row["val_score_diff"] = float(val["scores"][~same].mean())
-    return row
+    return {**row, "val_score_same": float(val["scores"][same].mean()),  # the cosine, for arch 2: collapse shows
+            "val_score_diff": float(val["scores"][~same].mean())}
 
 
 def end_epoch(run, epoch, row):
-    """The epoch's line, and on rank 0 best.pt when validation improved, last.pt always (each written whole or
-    not at all), history.csv and curves.png."""
+    """The epoch's line; on rank 0 best.pt if validation improved, last.pt, history.csv and curves.png."""
     run.history.append(row)
     val_loss = f", val loss {row['val_loss']:.4f}" if math.isfinite(row["val_loss"]) else ""
     run.log(f"epoch {epoch + 1}/{run.args.epochs} done in {hms(row['seconds'])}: train loss "
@@ -447,8 +434,7 @@ def test_and_report(run):
         return metrics
     name = os.path.basename(out)
     write_scores(os.path.join(out, "test_scores.csv"), pairs, kinds, test["scores"])
-    plot_roc(test["scores"], test["labels"], kinds, os.path.join(out, "roc.png"), title=f"{name}: test folds "
-             f"{folds['test']}")
+    plot_roc(test["scores"], test["labels"], kinds, os.path.join(out, "roc.png"), f"{name}: test folds {folds['test']}")
     plot_errors(run.bank, pairs, kinds, test["scores"], ckpt["thresholds"], os.path.join(out, "errors.png"),
                 title=f"{name}: most confident errors on test folds {folds['test']} "
                       f"(score above each pair; FF and FP each at its own validation threshold)")
