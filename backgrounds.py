@@ -10,8 +10,10 @@ so that its test says how it does on pictures unlike its training ones.
     texture   periodic patterns: stripes, checkerboards, plaids, dots and bricks at random scales and angles
 """
 import math
+from types import SimpleNamespace
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import align
@@ -152,6 +154,14 @@ def pictures(families, n, size, rng):
     """n square pictures of the drawn families (not cfp), as uint8 (n, 3, size, size), in turn by family."""
     out = np.stack([np.asarray(picture(families[k % len(families)], size, size, rng)) for k in range(n)])
     return out.transpose(0, 3, 1, 2)
+
+
+def clutter_pool(size, seed, n=512):
+    """The drawn training families as train.py's --clutter shows them around faces, beside its mosaic of
+    faces (images.clutter): n square pictures, uint8 (n, 3, size, size), and how many families they hold."""
+    families = [f for f in TRAIN_FAMILIES if f != "cfp"]
+    drawn = pictures(families, n, size, np.random.default_rng(seed))
+    return SimpleNamespace(pictures=torch.from_numpy(np.ascontiguousarray(drawn)), families=len(families))
 
 
 # ---------------------------------------------------------------------------

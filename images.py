@@ -293,11 +293,11 @@ def normalise(x):
     return (x - mean) / std
 
 
-def preprocess(x, train=False, clutter_p=0.0):
+def preprocess(x, train=False, clutter_p=0.0, pool=None):
     """uint8 (B, 3, H, W) -> float normalised with ImageNet mean/std, augmented if train."""
     x = x.float() / 255
     if train:
-        x = augment(clutter(x, clutter_p) if clutter_p else x)
+        x = augment(clutter(x, clutter_p, pool) if clutter_p else x)
     return normalise(x)
 
 
@@ -329,16 +329,21 @@ def mosaic(patches, n, size, gen=None):
     return tiles.permute(0, 3, 1, 4, 2, 5).reshape(n, 3, k * tile, k * tile)[..., :size, :size]
 
 
-def clutter(x, p=0.5):
+def clutter(x, p=0.5, pool=None):
     """Where an aligned face's square reached outside its photo, a mosaic of pieces of the batch's faces
     (their central halves, which lie inside their photos) instead of black, in a share p of the images: the
-    surroundings a face found in a larger picture has (landmarks.py). The pixels replaced are those black in
-    every channel, as the warp leaves outside the photo; a photo's own pixel that is exactly (0, 0, 0) goes
-    too, which an augmentation can afford. x: (B, 3, H, W) in [0, 1]."""
+    surroundings a face found in a larger picture has (landmarks.py). With a pool (uint8 (N, 3, H, W), the
+    drawn pictures of backgrounds.clutter_pool), each image's fill is the mosaic or one of them, each family
+    as often. The pixels replaced are those black in every channel, as the warp leaves outside the photo; a
+    photo's own pixel that is exactly (0, 0, 0) goes too, which an augmentation can afford.
+    x: (B, 3, H, W) in [0, 1]."""
     b, size = x.shape[0], x.shape[-1]
     outside = (x == 0).all(1, keepdim=True) & (torch.rand(b) < p).to(x.device).view(b, 1, 1, 1)
     q = size // 4
     fill = mosaic(x[..., q:size - q, q:size - q], b, size)
+    if pool is not None:
+        drawn = (torch.rand(b) < pool.families / (pool.families + 1)).to(x.device).view(b, 1, 1, 1)
+        fill = torch.where(drawn, pool.pictures[torch.randint(len(pool.pictures), (b,))].to(fill) / 255, fill)
     return torch.where(outside, fill.to(x.dtype), x)
 
 

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from align import ALIGN_MODES
+from backgrounds import clutter_pool
 from data import KINDS, check_not_seen, split, split_folds, training_set
 from faces import build_aligner, prepare
 from images import RESIZE_MODES, ImageBank, preprocess, writable_dir
@@ -120,8 +121,8 @@ def add_data_args(g):
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip + rotation up to 20 degrees while training (default: on)")
     g.add_argument("--clutter", type=float, default=0.0, metavar="P",
-                   help="aligned views: in a share P of the training images, a mosaic of other images where the "
-                        "photo ends, as around a face found in a larger picture (default: 0)")
+                   help="aligned views: in a share P of the training images, a mosaic of faces or a drawn picture "
+                        "where the photo ends, as around a face found in a larger picture (default: 0)")
     g.add_argument("--workers", type=int, default=2, help="image decoding threads (default: 2)")
     g.add_argument("--cache-dir", type=str, default="",
                    help="keep decoded images here, so later runs start at once; a set larger than half the "
@@ -131,8 +132,7 @@ def add_data_args(g):
 def check_args(args):
     """Fill the defaults that depend on other flags and refuse impossible settings, before anything is read or
     written. A resumed run takes --dropout and --align from its checkpoint when they are not given (open_run)."""
-    if args.loss is None:
-        args.loss = ARCH_LOSSES[args.arch][0]
+    args.loss = args.loss or ARCH_LOSSES[args.arch][0]
     if args.dropout is None and not args.resume:
         args.dropout = MARGIN_DROPOUT if LOSSES[args.loss].sampling == "images" else 0.0
     check_ranges(args)
@@ -265,6 +265,7 @@ def prepare_data(run, resume):
     cfp, run.landmarks = prepare(cfp, vars(args), log)
     run.cfp, run.train_images, run.aligner = cfp, train_images, build_aligner(args, cfp, train_images, resume)
     run.train_set = training_set(LOSSES[args.loss].sampling, args.pairs_from, cfp, run.folds, train_images)
+    run.pool = clutter_pool(args.img_size, args.seed) if args.clutter else None
     needed = np.concatenate([train_images, run.val_pairs[0][:, :2].ravel(), run.test_pairs[0][:, :2].ravel()])
     t = time.time()
     run.bank = ImageBank(cfp, needed, args.img_size, args.workers, args.cache_dir,
@@ -343,10 +344,9 @@ def train_one_epoch(run, epoch):
     n_batches = max(1, len(order) // args.batch_size)
     meter = Progress(run.log, epoch, args.epochs, n_batches, PRINT_FREQ)
     for step in range(n_batches):
-        inputs, target = run.train_set.batch(run.bank, order[step * args.batch_size:(step + 1) * args.batch_size],
-                                             swap=True)
-        inputs = [preprocess(x.to(device, non_blocking=True), train=args.augment, clutter_p=args.clutter)
-                  for x in inputs]
+        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+        inputs, target = run.train_set.batch(run.bank, batch, swap=True)
+        inputs = [preprocess(x.to(device, non_blocking=True), args.augment, args.clutter, run.pool) for x in inputs]
         if run.channels_last:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         with amp_autocast(device, args.amp):

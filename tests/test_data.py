@@ -286,6 +286,22 @@ def test_clutter_fills_only_what_lies_outside_the_photo():
     assert torch.equal(images.clutter(x, p=0.0), x)
 
 
+def test_clutter_shows_the_drawn_families_beside_the_mosaic():
+    """With train.py's pool (backgrounds.clutter_pool: gradient, noise, shapes), about 3 fills in 4 are one
+    of its pictures and the rest the mosaic of faces; each pool picture comes whole, and the photo stays."""
+    import backgrounds
+    pool = backgrounds.clutter_pool(16, seed=0, n=12)
+    assert pool.pictures.shape == (12, 3, 16, 16) and pool.families == 3
+    torch.manual_seed(0)
+    x = torch.rand(400, 3, 16, 16) * 0.9 + 0.05
+    x[:, :, :, :3] = 0
+    out = images.clutter(x, p=1.0, pool=pool)
+    assert torch.equal(out[..., 3:], x[..., 3:])
+    drawn = pool.pictures[..., :3].float() / 255
+    from_pool = [bool((o[..., :3] == drawn).flatten(1).all(1).any()) for o in out]
+    assert 250 < sum(from_pool) < 350
+
+
 def test_augment_draws_two_numbers_per_image():
     """A flip and an angle per image, nothing more: runs made before other augmentations were studied repeat."""
     x = torch.rand(8, 3, 32, 32)
