@@ -240,7 +240,8 @@ run scratch-r18 python train.py --out runs/scratch/r18_arcface_64px_squash_dropo
 # aligned: the seed split, faces aligned by their landmarks, ResNet18 from random init, ArcFace s 8
 run aligned python train.py --out runs/aligned/r18_arcface_64px_template_s8 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp
 # The same recipe (seed 1) with --clutter 0.5, for faces found in larger pictures: in half the training faces, what
-# the aligned square shows outside the photo is a mosaic of other images (results/cfp-seed/*_s8_clutter05)
+# the aligned square shows outside the photo is a mosaic of other faces or, since e7b8719, a drawn picture
+# of gradients, noise or shapes (results/cfp-seed/*_s8_clutter05: the mosaic alone)
 # clutter: the aligned recipe, half the training faces surrounded by a mosaic where their photo ends
 run clutter python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05 --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5
 # 10fold-aligned: CFP's ten folds with the same recipe (results/cfp-10fold/r18_arcface_64px_template_s8_fold*)
@@ -261,7 +262,8 @@ tenfold 10fold-recipe python train.py --out runs/10fold/r18_arcface_96px_templat
 # landmarks: the landmark network (pose and CFP's 30 landmarks, a heatmap each), ResNet18 from random init
 run landmarks python landmarks.py --out runs/landmarks/default --amp
 # The clutter recipe trained on that network's landmarks, for photos that come without them
-# (results/cfp-seed/*_clutter05_predicted_j02: FF / FP 0.869 / 0.807 on crops, 0.854 / 0.786 pasted at 1/2)
+# (results/cfp-seed/*_clutter05_predicted_families_pool: FF / FP 0.864 / 0.788 on crops, pasted at 1/2 0.849 /
+# 0.776 on mosaics, 0.858 / 0.771 on held-out text, 0.862 / 0.791 on held-out textures)
 # predicted: the clutter recipe, its training faces aligned by the landmark network's landmarks
 run predicted python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05_predicted --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5 --landmark-net runs/landmarks/default --predict-landmarks
 }
