@@ -75,3 +75,20 @@ def test_the_paired_comparison_of_two_ten_fold_configurations():
     # on folds 2 and 3: FF +0.03 and +0.01 (mean +0.02, se 0.01); FP -0.01 and +0.03 (mean +0.01, se 0.02)
     assert lines[-1] == "| mean (2 folds) | 0.8300 | 0.8500 | +0.0200 +- 0.0100 | 0.7750 | 0.7850 | +0.0100 +- 0.0200 |"
     assert report.paired(old, {**new, "folds": [3, 4, 5]}) == []  # one common fold: no standard error
+
+
+def test_every_flag_the_readme_names_is_on_a_command_line():
+    """A flag that left the code leaves the README too, but for the sentence that names the dropped ones."""
+    import bench
+    import check
+    import evaluate
+    import toy
+    known = {"--help", "--list", "--index-url", "--nproc_per_node"}  # pip, torchrun and experiments.sh
+    for get in (train.get_args_parser, landmarks.get_args_parser, evaluate.get_args_parser, bench.get_args_parser,
+                check.get_args_parser, toy.get_args_parser):
+        known |= {s for a in get()._actions for s in a.option_strings}
+    text = open(os.path.join(ROOT, "README.md")).read()
+    dropped = re.search(r"Variants that were studied and dropped \(([^)]*)\)", text)
+    assert dropped, "README names the dropped variants in one sentence"
+    named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text.replace(dropped.group(1), "")))
+    assert sorted(named - known) == []
