@@ -210,7 +210,7 @@ def test_relative_cfp_root_is_taken_from_where_the_user_stands(toy, tmp_path):
     copy_project(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "CFP_ROOT": os.path.basename(toy),  # relative to the folder the user stands in, not to the script's
-           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4"}
+           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --epochs 1"}
     r = subprocess.run(["bash", str(tmp_path / "experiments.sh"), "01"], cwd=os.path.dirname(toy), env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
