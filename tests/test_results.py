@@ -10,7 +10,11 @@ import shlex
 
 import pytest
 
+import bench
+import check
+import evaluate
 import landmarks
+import toy
 import train
 from conftest import ROOT
 
@@ -79,13 +83,9 @@ def test_the_paired_comparison_of_two_ten_fold_configurations():
 
 def test_every_flag_the_readme_names_is_on_a_command_line():
     """A flag that left the code leaves the README too, but for the sentence that names the dropped ones."""
-    import bench
-    import check
-    import evaluate
-    import toy
     known = {"--help", "--list", "--index-url", "--nproc_per_node"}  # pip, torchrun and experiments.sh
-    for get in (train.get_args_parser, landmarks.get_args_parser, evaluate.get_args_parser, bench.get_args_parser,
-                check.get_args_parser, toy.get_args_parser):
+    for get in (*PARSERS.values(), evaluate.get_args_parser, bench.get_args_parser, check.get_args_parser,
+                toy.get_args_parser):
         known |= {s for a in get()._actions for s in a.option_strings}
     text = open(os.path.join(ROOT, "README.md")).read()
     dropped = re.search(r"Variants that were studied and dropped \(([^)]*)\)", text)
