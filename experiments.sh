@@ -33,7 +33,7 @@ cost() {  # the training minutes of the runs in results/ (epochs only, not the f
         clutter) echo "12 min (one thread, another run beside it): results/cfp-seed/*_clutter05" ;;
         10fold-aligned) echo "12 to 25 min a fold (two threads alone, or one beside another run): results/cfp-10fold" ;;
         recipe) echo "36 to 54 min (one thread, another run beside it): results/cfp-seed/r18_arcface_96px_template_s8_nomaxpool*" ;;
-        10fold-recipe) echo "an estimate from the seed split (1.5 times its training set): about 60 min a fold (one thread, another run beside it): results/cfp-10fold/*_nomaxpool_fold*" ;;
+        10fold-recipe) echo "38 min a fold (two threads, alone; about 110 with two folds side by side): results/cfp-10fold/*_nomaxpool_fold*" ;;
         10fold-r18) echo "about 10 min a fold (one thread): results/cfp-10fold/r18_arcface_64px_fold*" ;;
         scratch-r18) echo "10 min (one thread): results/cfp-seed/r18_arcface_64px_squash_dropout06" ;;
         landmarks) echo "9 min (two threads, alone): results/landmarks/jitter02_timed" ;;

@@ -176,38 +176,43 @@ class Verifier:
     def embed(self, paths):
         """Features of photos (N, D), each distinct photo embedded once and kept for later calls; a photo
         that cannot be read raises its one-line UserError."""
-        scores, _, errors = self.scores([(p, p) for p in paths])
+        got, _ = self.features(dict.fromkeys(paths))
+        errors = [f for f in got.values() if isinstance(f, str)]
         if errors:
-            raise UserError(next(iter(errors.values())))
-        return torch.stack([self.cache.get(p) for p in paths])
+            raise UserError(errors[0])
+        return torch.stack([got[p] for p in paths])
 
     def scores(self, pairs):
         """Scores for (a, b) photo path pairs -> (scores, images decoded now by path, {path: reason}); NaN scores
         for pairs with a photo that cannot be read."""
-        images, errors = {}, {}
-        for p in dict.fromkeys(p for pair in pairs for p in pair):
-            if p in self.cache:
-                continue
-            try:
-                images[p] = self.photo(p)
-            except UserError as e:
-                errors[p] = str(e)
-                self.cache.put(p, str(e))
-        if images:  # the same path as the fold evaluation: the scores equal the run's test_scores.csv
-            unique = list(images)
-            feats = extract(self.model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
-                            EVAL_BATCH, self.device, amp=self.args["amp"])
-            for p, f in zip(unique, feats):
-                self.cache.put(p, f)
+        got, images = self.features(dict.fromkeys(p for pair in pairs for p in pair))
+        errors = {p: f for p, f in got.items() if isinstance(f, str)}
         scores = np.full(len(pairs), np.nan)
-        got = {p: self.cache.get(p) for pair in pairs for p in pair}
-        errors.update({p: f for p, f in got.items() if isinstance(f, str)})
         ok = [i for i, (x, y) in enumerate(pairs) if x not in errors and y not in errors]
         if ok:
             f1, f2 = (torch.stack([got[pairs[i][c]] for i in ok]).to(self.device) for c in (0, 1))
             with torch.no_grad():
                 scores[ok] = pair_score(self.model.compare(f1, f2)).float().cpu().numpy()
         return scores, images, errors
+
+    def features(self, paths):
+        """{path: its feature, or the reason it cannot be read} for distinct paths, and the images decoded now;
+        the cache keeps both for later calls, but this call's answer does not depend on its size."""
+        got, images = {p: self.cache.get(p) for p in paths if p in self.cache}, {}
+        for p in paths:
+            if p not in got:
+                try:
+                    images[p] = self.photo(p)
+                except UserError as e:
+                    got[p] = str(e)
+        if images:  # the same path as the fold evaluation: the scores equal the run's test_scores.csv
+            unique = list(images)
+            feats = extract(self.model, torch.stack([images[p] for p in unique]), np.arange(len(unique)),
+                            EVAL_BATCH, self.device, amp=self.args["amp"])
+            got.update(zip(unique, feats))
+        for p in paths:
+            self.cache.put(p, got[p])
+        return got, images
 
     def kind(self, a, b):
         """The threshold a pair of photos gets: FF for two frontal faces, FP where one is a profile (two profiles

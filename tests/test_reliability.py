@@ -619,6 +619,17 @@ def test_the_threshold_follows_the_photos_poses_unless_a_kind_is_given(fold3_run
     assert v.verify(frontal, other, kind="all")[2:] == (thresholds["all"], "all")
 
 
+def test_more_photos_than_the_feature_cache_holds_are_embedded_in_one_call(fold3_run, toy):
+    photos = [os.path.join(toy, f"Data/Images/00{i}/frontal/01.jpg") for i in (3, 4, 5)]
+    v = verify.Verifier(str(fold3_run), device=torch.device("cpu"))
+    alone = torch.stack([v.embed([p])[0] for p in photos])
+    v = verify.Verifier(str(fold3_run), device=torch.device("cpu"))
+    v.cache.size = 2  # a list longer than the cache: the first features are dropped before they are returned
+    assert torch.allclose(v.embed(photos), alone, atol=1e-4)  # a batch of three, against three of one
+    scores, _, errors = v.scores([(photos[0], photos[1]), (photos[2], photos[0])])
+    assert errors == {} and np.isfinite(scores).all()
+
+
 def test_an_exported_runs_preprocessing_is_strict_json(fold3_run, tmp_path, monkeypatch):
     import export
     ckpt = torch.load(fold3_run / "best.pt", weights_only=True)
