@@ -224,7 +224,7 @@ tenfold 10fold-63 python train.py --out runs/10fold/exp63_cos_resnext50_aug_lr1e
 # The runs in results/cfp-10fold/r18_arcface_64px_*: ResNet18 from random init, ArcFace (s 32, m 0.3), 64 px
 # whole images padded, bf16 autocast, 10 epochs, no dropout: about 10 minutes a fold on one core of a 2-core x86.
 # 10fold-r18: whole images, ResNet18 from random init, ArcFace s 32, 10 epochs (the first 10-fold recipe)
-tenfold 10fold-r18 python train.py --out runs/10fold/r18_arcface_scratch_64px_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
+tenfold 10fold-r18 python train.py --out runs/10fold/r18_arcface_64px_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 10 --dropout 0 --amp --align none
 
 # ---- Learning from CFP alone (README: "On real CFP"), seed split ----
 # results/cfp-seed/r18_arcface_64px_squash_dropout06 (val 0.813, test 0.810, FF 0.847, FP 0.789): ResNet18 from

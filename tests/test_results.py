@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 import bench
@@ -92,3 +93,21 @@ def test_every_flag_the_readme_names_is_on_a_command_line():
     assert dropped, "README names the dropped variants in one sentence"
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text.replace(dropped.group(1), "")))
     assert sorted(named - known) == []
+
+
+def test_the_readme_ten_fold_rows_are_the_summary_of_their_runs():
+    """A 10-fold row of this project in the README names its experiments.sh ID; its FF and FP are what
+    --summarize makes of that ID's folds in results/cfp-10fold, in %, mean +- sample std."""
+    import report
+    ids = dict(re.findall(r"^tenfold (\S+) python train\.py --out runs/10fold/(\S+)_fold\{K\} ",
+                          open(os.path.join(ROOT, "experiments.sh")).read(), re.M))
+    _, raw = report.summarize(os.path.join(ROOT, "results", "cfp-10fold"))
+    summary = {r["configuration"]: r for r in raw}
+    rows = re.findall(r"^\| \**this project\**.*\(`(10fold-[\w-]+)`\) \| CFP 10-fold \|.*\| ([\d.]+ \+- [\d.]+) \| "
+                      r"([\d.]+ \+- [\d.]+) \|$", open(os.path.join(ROOT, "README.md")).read(), re.M)
+    assert len(rows) >= 2
+    for name, ff, fp in rows:
+        r = summary[ids[name]]
+        assert len(r["folds"]) == 10, name
+        shown = [f"{100 * np.mean(r[f'{k} acc']):.2f} +- {100 * np.std(r[f'{k} acc'], ddof=1):.2f}" for k in ("FF", "FP")]
+        assert [ff, fp] == shown, name
