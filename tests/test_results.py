@@ -69,6 +69,9 @@ def test_a_ten_fold_row_says_whether_its_folds_share_one_commit_and_one_precisio
     table, _ = report.summarize(os.path.join(ROOT, "results", "cfp-10fold"))
     row = next(line for line in table.splitlines() if line.startswith("| r18_arcface_64px_template_s8 | 10 |"))
     assert row.endswith("MIXED: 8 commits, uncommitted changes; bfloat16 and float32 MIXED |")  # as committed
+    recipe = next(line for line in table.splitlines()
+                  if line.startswith("| r18_arcface_96px_template_s8_nomaxpool | 10 |"))
+    assert recipe.endswith("| 88124f8; bfloat16 |")  # the recipe's ten folds: one clean commit, one precision
 
 
 def test_the_paired_comparison_of_two_ten_fold_configurations():
