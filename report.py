@@ -176,9 +176,9 @@ def made_by(r):
 
 
 def tenfold_row(r):
-    std = lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")  # noqa: E731
+    spread = lambda v: f" +- {np.std(v, ddof=1):.4f}" if len(v) > 1 else ""  # noqa: E731  (one fold: no spread)
     cells = [r["configuration"], str(len(r["folds"]))]
-    cells += [f"{np.mean(r[f'{kind} acc']):.4f} +- {std(r[f'{kind} acc']):.4f}" for kind in KINDS]
+    cells += [f"{np.mean(r[f'{kind} acc']):.4f}{spread(r[f'{kind} acc'])}" for kind in KINDS]
     cells += [f"{np.mean(r[f'{kind} {m}']):.4f}" for m in ("auc", "eer") for kind in KINDS]
     cells += [_fmt(r[f"{kind} pooled"].get("tar@far=0.01"), 4) for kind in KINDS] + [made_by(r)]
     return "| " + " | ".join(cells) + " |"

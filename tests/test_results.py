@@ -114,3 +114,12 @@ def test_the_readme_ten_fold_rows_are_the_summary_of_their_runs():
         assert len(r["folds"]) == 10, name
         shown = [f"{100 * np.mean(r[f'{k} acc']):.2f} +- {100 * np.std(r[f'{k} acc'], ddof=1):.2f}" for k in ("FF", "FP")]
         assert [ff, fp] == shown, name
+
+
+def test_a_one_fold_row_shows_no_spread():
+    import report
+    r = {"configuration": "x", "folds": [1], "commits": ["a" * 40], "precisions": ["bfloat16"],
+         **{f"{k} {m}": [0.5] for k in ("FF", "FP") for m in ("acc", "auc", "eer")}, "FF pooled": {}, "FP pooled": {}}
+    assert report.tenfold_row(r).startswith("| x | 1 | 0.5000 | 0.5000 | 0.5000 |")
+    two = {**r, "folds": [1, 2], **{f"{k} acc": [0.5, 0.7] for k in ("FF", "FP")}}
+    assert report.tenfold_row(two).startswith("| x | 2 | 0.6000 +- 0.1414 | 0.6000 +- 0.1414 |")
