@@ -194,7 +194,11 @@ def record_run(run, resume):
     else:
         config = read_config(path)
         config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
-                                                 "lr": args.lr, **git_state()})
+                                                 "lr": args.lr, "threads": torch.get_num_threads(), **git_state()})
+        if run.device.type == "cpu" and config["threads"] != torch.get_num_threads():
+            run.log(f"warning: {args.out} was started with {config['threads']} threads and resumes with "
+                    f"{torch.get_num_threads()}: other CPU kernels, so it will not repeat bit for bit "
+                    f"(OMP_NUM_THREADS={config['threads']} to match)")
         write_json(path, config)
     run.log(f"{args.out}: {built}")
     plot_inputs(run.train_set, run.bank, run.val_pairs[0], run.cfp, args, os.path.join(args.out, "inputs.png"),
