@@ -192,12 +192,12 @@ def record_run(run, resume):
             for role, (pairs, _) in (("val", run.val_pairs), ("test", run.test_pairs)):
                 write_pair_file(os.path.join(args.out, f"pairs_{role}.txt"), run.cfp, pairs)
     else:
-        config = read_config(path)
+        config, threads = read_config(path), torch.get_num_threads()
         config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
-                                                 "lr": args.lr, "threads": torch.get_num_threads(), **git_state()})
-        if run.device.type == "cpu" and config["threads"] != torch.get_num_threads():
+                                                 "lr": args.lr, "threads": threads, **git_state()})
+        if run.device.type == "cpu" and config["threads"] != threads:
             run.log(f"warning: {args.out} was started with {config['threads']} threads and resumes with "
-                    f"{torch.get_num_threads()}: other CPU kernels, so it will not repeat bit for bit "
+                    f"{threads}: other CPU kernels, so it will not repeat bit for bit "
                     f"(OMP_NUM_THREADS={config['threads']} to match)")
         write_json(path, config)
     run.log(f"{args.out}: {built}")
