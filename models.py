@@ -137,7 +137,7 @@ def build_model(args):
     a = args if isinstance(args, dict) else vars(args)
     backbone, dim = build_backbone(a["backbone"], a["pretrained"], a["maxpool"])
     return SiameseNet(backbone, dim, arch=a["arch"], variation=a["variation"], num_logits=2 if a["loss"] == "ce" else 1,
-                      freeze=a["freeze"], embed_dropout=a["dropout"], feature_bn=a.get("feature_bn", False))
+                      freeze=a["freeze"], embed_dropout=a["dropout"], feature_bn=a["feature_bn"])
 
 
 POSES = ("none", "frontal", "left", "right")  # the landmark network's classes: no face, or the face's pose

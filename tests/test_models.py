@@ -176,6 +176,6 @@ def test_feature_bn_normalises_the_feature_before_dropout_and_old_runs_keep_thei
     f = net.backbone(x)
     assert torch.allclose(out, net.neck(net.drop((f - f.mean(0)) / (f.var(0, unbiased=False) + 1e-5).sqrt())),
                           atol=1e-5)
-    plain = models.build_model(model_args())  # a config without the key builds today's network
+    plain = models.build_model(model_args())
     assert isinstance(plain.feature_bn, torch.nn.Identity)
     assert not any(k.startswith("feature_bn") for k in plain.state_dict())
