@@ -124,7 +124,7 @@ def test_sweep_skips_finished_resumes_interrupted_and_forces(toy, tmp_path):
     for f in ["experiments.sh"] + [f for f in os.listdir(ROOT) if f.endswith(".py")]:
         shutil.copy(os.path.join(ROOT, f), tmp_path / f)
     # the rows' own flags, on the toy data, with a CPU-sized network (the last flag wins)
-    env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
+    env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 16 "
                          f"--epochs 2"}
     r = sh("01", env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -152,7 +152,7 @@ def copy_project(tmp_path):
 
 def test_a_smoke_run_is_not_taken_for_the_real_one(toy, tmp_path):
     copy_project(tmp_path)
-    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4"
+    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 16"
     r = sh("01", env={"EXTRA_ARGS": tiny + " --epochs 1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     run01 = tmp_path / "runs/exp01_bce_vgg16_7e"
@@ -167,7 +167,7 @@ def test_a_smoke_run_is_not_taken_for_the_real_one(toy, tmp_path):
 
 def test_an_out_in_extra_args_is_the_folder_checked_and_a_finished_run_there_is_kept(toy, tmp_path):
     copy_project(tmp_path)
-    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --epochs 1"
+    tiny = f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 16 --epochs 1"
     r = sh("01", env={"EXTRA_ARGS": tiny}, cwd=tmp_path)  # a finished run of row 01 in its own folder
     assert r.returncode == 0, r.stderr[-2000:]
     mine = tmp_path / "runs/exp01_bce_vgg16_7e"
@@ -185,7 +185,7 @@ def test_an_out_in_extra_args_is_the_folder_checked_and_a_finished_run_there_is_
 def test_sigterm_stops_the_training_it_started_after_listing_the_plan(toy, tmp_path):
     copy_project(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-           "EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 "
+           "EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 16 "
                          f"--epochs 50"}
     p = subprocess.Popen(["bash", "experiments.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -210,7 +210,7 @@ def test_relative_cfp_root_is_taken_from_where_the_user_stands(toy, tmp_path):
     copy_project(tmp_path)
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
            "CFP_ROOT": os.path.basename(toy),  # relative to the folder the user stands in, not to the script's
-           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 4 --epochs 1"}
+           "EXTRA_ARGS": "--no-pretrained --backbone resnet18 --img-size 32 --batch-size 16 --epochs 1"}
     r = subprocess.run(["bash", str(tmp_path / "experiments.sh"), "01"], cwd=os.path.dirname(toy), env=env,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
