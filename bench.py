@@ -79,8 +79,7 @@ class Steps:
         self.args, self.device, self.cfp, self.pairs, self.bank = args, device, cfp, pairs, bank
         loss = "cosine" if args.arch == 2 else "ce"
         self.model = build_model({"backbone": args.backbone, "arch": args.arch, "loss": loss, "pretrained": False,
-                                  "maxpool": True, "variation": False, "freeze": 0.0, "dropout": 0.0,
-                                  "feature_bn": False}).to(device)
+                                  "maxpool": True, "variation": False, "freeze": 0.0, "dropout": 0.0}).to(device)
         self.objective = Objective(self.model, build_loss(loss)).train()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4, weight_decay=5e-4)
         self.dtype = amp_dtype(device) if args.amp else None

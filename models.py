@@ -70,13 +70,11 @@ class SiameseNet(nn.Module):
     """
 
     def __init__(self, backbone, feat_dim, arch=2, variation=False, embed_dim=EMBED_DIM, num_logits=2,
-                 hidden=512, dropout=0.5, freeze=0.0, embed_dropout=0.0, feature_bn=False):
+                 hidden=512, dropout=0.5, freeze=0.0, embed_dropout=0.0):
         super().__init__()
         self.arch, self.embed_dim = arch, embed_dim
         self.backbone = backbone
         self.frozen, self.num_layers = freeze_layers(backbone, freeze)
-        # arcface_torch's head is BN-Dropout-FC-BN; feature_bn adds its first BatchNorm (here on the pooled feature)
-        self.feature_bn = nn.BatchNorm1d(feat_dim) if feature_bn else nn.Identity()
         self.drop = nn.Dropout(embed_dropout)  # on the backbone's feature, before the neck (arcface_torch's `dropout`)
         if arch == 2:
             self.neck = nn.Sequential(nn.Linear(feat_dim, embed_dim), nn.BatchNorm1d(embed_dim))
@@ -108,7 +106,7 @@ class SiameseNet(nn.Module):
         return self
 
     def embed(self, x):
-        return self.neck(self.drop(self.feature_bn(self.backbone(x))))  # (N, D)
+        return self.neck(self.drop(self.backbone(x)))  # (N, D)
 
     def compare(self, f1, f2):
         if self.arch == 1:
@@ -137,7 +135,7 @@ def build_model(args):
     a = args if isinstance(args, dict) else vars(args)
     backbone, dim = build_backbone(a["backbone"], a["pretrained"], a["maxpool"])
     return SiameseNet(backbone, dim, arch=a["arch"], variation=a["variation"], num_logits=2 if a["loss"] == "ce" else 1,
-                      freeze=a["freeze"], embed_dropout=a["dropout"], feature_bn=a["feature_bn"])
+                      freeze=a["freeze"], embed_dropout=a["dropout"])
 
 
 POSES = ("none", "frontal", "left", "right")  # the landmark network's classes: no face, or the face's pose

@@ -26,8 +26,7 @@ MODEL_KEYS = ("arch", "variation", "loss", "backbone", "maxpool", "img_size")
 # ... and a resumed run is the same run only with the same data, objective and optimisation.
 RUN_KEYS = MODEL_KEYS + ("protocol", "test_fold", "eval_root", "pairs_from", "resize", "align", "landmark_net",
                          "predict_landmarks", "augment", "clutter", "margin", "scale", "freeze", "dropout",
-                         "feature_bn", "optimizer", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed",
-                         "amp")
+                         "optimizer", "weight_decay", "schedule", "warmup_epochs", "batch_size", "seed", "amp")
 
 
 class RunLock:

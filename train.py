@@ -89,8 +89,6 @@ def add_model_args(g):
     g.add_argument("--dropout", type=float, default=None,
                    help="dropout on the backbone's feature, before the embedding layer (default: arcface and "
                         f"cosface {MARGIN_DROPOUT}, the pair losses 0)")
-    g.add_argument("--feature-bn", action="store_true",
-                   help="BatchNorm on the backbone's feature before the dropout: arcface_torch's BN-Dropout-FC-BN head")
 
 
 def add_data_args(g):

@@ -90,9 +90,8 @@ def evaluate(model, bank, pairs, criterion=None, batch_size=EVAL_BATCH, device="
 
 
 # what this code reads of a run's arguments; a run of earlier code that lacks one is refused
-CKPT_ARGS = ("arch", "variation", "loss", "backbone", "maxpool", "freeze", "dropout", "feature_bn", "img_size",
-             "resize", "amp", "data_root", "eval_root", "protocol", "test_fold", "align", "landmark_net",
-             "predict_landmarks")
+CKPT_ARGS = ("arch", "variation", "loss", "backbone", "maxpool", "freeze", "dropout", "img_size", "resize", "amp",
+             "data_root", "eval_root", "protocol", "test_fold", "align", "landmark_net", "predict_landmarks")
 
 
 def load_model(path, device):

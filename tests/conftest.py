@@ -42,7 +42,7 @@ def smoke_args(toy, out, *extra):
 def model_args(**kw):
     """A complete set of the arguments models.build_model reads: a random-init ResNet18, arch 2 (ArcFace)."""
     return {"arch": 2, "variation": False, "loss": "arcface", "backbone": "resnet18", "pretrained": False,
-            "maxpool": True, "freeze": 0.0, "dropout": 0.0, "feature_bn": False, **kw}
+            "maxpool": True, "freeze": 0.0, "dropout": 0.0, **kw}
 
 
 def cli(module, *argv):

@@ -163,19 +163,3 @@ def test_dropout_acts_on_the_feature_in_training_only():
     torch.manual_seed(0)
     a = net.neck[0](net.drop(net.backbone(x)))
     assert not torch.allclose(a, net.neck[0](net.backbone(x)))
-
-
-def test_feature_bn_normalises_the_feature_before_dropout_and_old_runs_keep_their_keys():
-    net = models.build_model(model_args(dropout=0.5, feature_bn=True))
-    assert isinstance(net.feature_bn, torch.nn.BatchNorm1d) and net.feature_bn.num_features == 512
-    net.train()
-    x = torch.randn(6, 3, 64, 64)
-    torch.manual_seed(0)
-    out = net(x)
-    torch.manual_seed(0)
-    f = net.backbone(x)
-    assert torch.allclose(out, net.neck(net.drop((f - f.mean(0)) / (f.var(0, unbiased=False) + 1e-5).sqrt())),
-                          atol=1e-5)
-    plain = models.build_model(model_args())
-    assert isinstance(plain.feature_bn, torch.nn.Identity)
-    assert not any(k.startswith("feature_bn") for k in plain.state_dict())

@@ -53,7 +53,8 @@ def test_every_run_parses_or_is_listed_in_studies():
     assert len(runs()) > 50 and unlisted == []
 
 
-@pytest.mark.parametrize("flag", ["--jitter", "--pool flatten", "--head flatten", "--profile-share 0.5"])
+@pytest.mark.parametrize("flag", ["--jitter", "--pool flatten", "--head flatten", "--profile-share 0.5",
+                                  "--feature-bn"])
 def test_a_dropped_flag_does_not_parse(flag):
     script = "landmarks.py" if flag.startswith(("--head", "--profile")) else "train.py"
     assert not parses(f"python {script} {flag}") and parses(f"python {script}")
