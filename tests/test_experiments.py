@@ -120,9 +120,7 @@ def test_every_line_builds_what_it_asks_for(toy):
 
 
 def test_sweep_skips_finished_resumes_interrupted_and_forces(toy, tmp_path):
-    import shutil
-    for f in ["experiments.sh"] + [f for f in os.listdir(ROOT) if f.endswith(".py")]:
-        shutil.copy(os.path.join(ROOT, f), tmp_path / f)
+    copy_project(tmp_path)
     # the rows' own flags, on the toy data, with a CPU-sized network (the last flag wins)
     env = {"EXTRA_ARGS": f"--data-root {toy} --no-pretrained --backbone resnet18 --img-size 32 --batch-size 16 "
                          f"--epochs 2"}
