@@ -36,8 +36,8 @@ from images import color_jitter, decode_image, mosaic, normalise, open_image, wa
 from metrics import mean_found, precision_recall
 from models import POSES, LandmarkNet
 from utils import (DataError, Logger, Progress, UserError, amp_autocast, amp_dtype, atomic_save, atomic_write,
-                   channels_last,
-                   git_state, load_checkpoint, load_weights, lr_lambda, run_cli, write_history, write_json)
+                   channels_last, git_state, load_checkpoint, load_weights, lr_lambda, machine_state, run_cli,
+                   write_history, write_json)
 
 CANVAS = 128        # training photos are decoded once, letterboxed into CANVAS x CANVAS
 PATCH = 32          # background patches, cut from the corners of photos, outside their faces
@@ -337,7 +337,7 @@ def main(args):
         f"{roles['val']}, test folds {roles['test']}; {args.img_size} px views")
     write_json(os.path.join(args.out, "config.json"), {
         "task": "landmarks", "command": " ".join(["python"] + sys.argv), "args": vars(args), **git_state(args.out),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "folds": roles,
+        **machine_state(), "folds": roles,
         "families": {"train": args.train_families, "held_out": args.held_out},
         "precision": "bfloat16" if dtype else "float32"})
     history, seconds = train_network(args, cfp, sets, dtype, log)

@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 from data import IdentityPairSet, dataset_label, write_pair_file
 from plots import plot_inputs
-from utils import DiskFull, UserError, atomic_save, atomic_write, git_state, load_checkpoint, write_json
+from utils import (DiskFull, UserError, atomic_save, atomic_write, git_state, load_checkpoint, machine_state,
+                   write_json)
 
 RUN_FILES = ("config.json", "history.csv", "curves.png", "best.pt", "last.pt", "metrics.json", "roc.png", "log.txt",
              "test_scores.csv", "errors.png", "inputs.png", "pairs_val.txt", "pairs_test.txt", "git.diff")
@@ -183,8 +184,8 @@ def record_run(run, resume):
     if not resume:
         aligner = run.aligner and {"mode": run.aligner.mode, "margin": run.aligner.margin,
                                    "templates_from_folds": run.folds["train"]}
-        write_json(path, {"args": vars(args), "command": command, **git_state(args.out), "torch": torch.__version__,
-                          "device": str(run.device), "world_size": run.world, "threads": torch.get_num_threads(),
+        write_json(path, {"args": vars(args), "command": command, **git_state(args.out), **machine_state(),
+                          "device": str(run.device), "world_size": run.world,
                           "dataset": dataset_label(args.data_root), "dataset_fingerprint": run.cfp.fingerprint,
                           "selected_by": SELECTED_BY, "built": built,
                           "aligner": aligner, "landmarks": run.landmarks, "data": data_record(run)})
@@ -194,7 +195,7 @@ def record_run(run, resume):
     else:
         config, threads = read_config(path), torch.get_num_threads()
         config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
-                                                 "lr": args.lr, "threads": threads, **git_state()})
+                                                 "lr": args.lr, **machine_state(), **git_state()})
         if run.device.type == "cpu" and config["threads"] != threads:
             run.log(f"warning: {args.out} was started with {config['threads']} threads and resumes with "
                     f"{threads}: other CPU kernels, so it will not repeat bit for bit "

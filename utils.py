@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pickle
+import platform
 import signal
 import subprocess
 import sys
@@ -205,6 +206,20 @@ def amp_dtype(device):
 def amp_autocast(device, amp):
     dtype = amp_dtype(device) if amp else None
     return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def machine_state():
+    """{"torch", "threads", "cpu"}: what a run's last digits also depend on, since another CPU or thread count
+    picks other kernels. "cpu" is the model and which fast bf16 kernels it has."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    fast = "AMX" if torch.cpu._is_amx_tile_supported() else \
+        "AVX-512-BF16" if torch.cpu._is_avx512_bf16_supported() else "no fast bf16"
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": f"{model or platform.processor() or platform.machine()}, {fast}"}
 
 
 def git_state(out=None):

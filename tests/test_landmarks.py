@@ -19,7 +19,7 @@ from conftest import cli, smoke_args
 from models import POSES, LandmarkNet
 from test_align import face, toy_lm  # noqa: F401 (toy_lm: the toy with hand-made landmark files)
 from test_folders import folders  # noqa: F401 (toy faces as identity folders)
-from utils import UserError
+from utils import UserError, machine_state
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,8 @@ def test_the_landmark_network_trains_and_reports(lm_run):
     for f in ("config.json", "history.csv", "log.txt", "curves.png", "landmarks.png", "best.pt"):
         assert (lm_run / f).exists(), f
     assert m["test_minutes"] > 0 and f"{m['test_minutes']:.1f} of testing" in (lm_run / "log.txt").read_text()
-    assert json.loads((lm_run / "config.json").read_text())["git"] is not None  # the commit, as train.py records
+    config = json.loads((lm_run / "config.json").read_text())
+    assert config["git"] is not None and config["cpu"] == machine_state()["cpu"]  # as train.py records
     r = cli(landmarks, "--data-root", "x", "--out", lm_run)
     assert r.returncode == 2 and "already holds a landmark network" in r.stderr
     net = LandmarkNet(32)

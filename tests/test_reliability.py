@@ -786,4 +786,5 @@ def test_a_resume_with_another_thread_count_says_the_run_will_not_repeat(fold3_r
         torch.set_num_threads(before)
     assert f"warning: {run} was started with {saved} threads and resumes with {saved + 1}" in \
         open(run / "log.txt").read()
-    assert json.load(open(run / "config.json"))["resumes"][-1]["threads"] == saved + 1
+    resumed = json.load(open(run / "config.json"))["resumes"][-1]
+    assert resumed["threads"] == saved + 1 and resumed["cpu"]  # and the CPU it resumed on

@@ -65,6 +65,8 @@ def test_end_to_end_run_writes_every_file(finished_run):
     with open(out / "config.json") as f:
         config = json.load(f)
     assert config["args"]["loss"] == "cosine" and config["built"]["loss"] == "CosinePairLoss"
+    # the machine, since another CPU or thread count moves the last digits: "<model>, <its fast bf16 kernels>"
+    assert config["threads"] >= 1 and config["cpu"].endswith((", AMX", ", AVX-512-BF16", ", no fast bf16"))
     assert len(open(out / "history.csv").read().strip().splitlines()) == 3  # header + 2 epochs
 
 
