@@ -73,6 +73,9 @@ def test_a_ten_fold_row_says_whether_its_folds_share_one_commit_and_one_precisio
     recipe = next(line for line in table.splitlines()
                   if line.startswith("| r18_arcface_96px_template_s8_nomaxpool | 10 |"))
     assert recipe.endswith("| 88124f8; bfloat16 |")  # the recipe's ten folds: one clean commit, one precision
+    recipe30 = next(line for line in table.splitlines()
+                    if line.startswith("| r18_arcface_96px_template_s8_nomaxpool_30e | 10 |"))
+    assert recipe30.endswith("| d44ae37; bfloat16 |")  # the README's row: the same for the 30-epoch recipe
 
 
 def test_the_paired_comparison_of_two_ten_fold_configurations():
