@@ -193,9 +193,10 @@ def record_run(run, resume):
             for role, (pairs, _) in (("val", run.val_pairs), ("test", run.test_pairs)):
                 write_pair_file(os.path.join(args.out, f"pairs_{role}.txt"), run.cfp, pairs)
     else:
-        config, threads = read_config(path), torch.get_num_threads()
+        config, machine = read_config(path), machine_state()
+        threads = machine["threads"]
         config.setdefault("resumes", []).append({"command": command, "epoch": run.epoch, "epochs": args.epochs,
-                                                 "lr": args.lr, **machine_state(), **git_state()})
+                                                 "lr": args.lr, **machine, **git_state()})
         if run.device.type == "cpu" and config["threads"] != threads:
             run.log(f"warning: {args.out} was started with {config['threads']} threads and resumes with "
                     f"{threads}: other CPU kernels, so it will not repeat bit for bit "
