@@ -432,3 +432,19 @@ def test_fold_evaluation_of_photos_pasted_into_a_held_out_family(aligned_run, lm
     assert got["source"] == "predicted" and got["paste"] == 0.25 and got["paste_on"] == "cfp"
     r = cli(evaluate, aligned_run, "--paste", "0.5")
     assert r.returncode == 2 and "--align given or predicted" in r.stderr
+
+
+def test_the_test_pictures_do_not_depend_on_the_training_seed(lm_run, toy_lm, tmp_path):
+    """Two trainings with other seeds are tested on the same pictures: mosaics, held-out families and pictures
+    without a face are drawn the same way whatever --seed the network was trained with."""
+    import shutil
+    figures = []
+    for seed in ("0", "1"):
+        run = tmp_path / f"seed{seed}"
+        shutil.copytree(lm_run, run)
+        r = cli(landmarks, "--data-root", toy_lm, "--out", run, "--img-size", "32", "--val-images", "8",
+                "--workers", "1", "--test-only", "--found-threshold", "0.5", "--seed", seed)
+        assert r.returncode == 0, r.stderr
+        m = json.loads((run / "metrics.json").read_text())
+        figures.append({k: m[k] for k in ("pasted_0.5", "pasted_0.25", "background_alone", "held_out")})
+    assert figures[0] == figures[1]
