@@ -407,8 +407,12 @@ def test_test_only_tests_a_network_again_at_a_given_threshold(lm_run, toy_lm, tm
     run = tmp_path / "again"
     shutil.copytree(lm_run, run)
     r = cli(landmarks, "--data-root", toy_lm, "--out", run, "--img-size", "32", "--val-images", "8", "--workers", "1",
-            "--test-only", "--found-threshold", "0.5")
+            "--test-only", "--found-threshold", "0.5", "--seed", "1")
     assert r.returncode == 0, r.stderr
+    # the test pictures do not depend on the training seed: another --seed meets the same ones
+    figures = [{k: m[k] for k in ("pasted_0.5", "pasted_0.25", "background_alone", "held_out")}
+               for m in (json.loads((r / "metrics.json").read_text()) for r in (lm_run, run))]
+    assert figures[0] == figures[1]
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert ckpt["found_threshold"] == 0.5 and ckpt["threshold_choice"]["chosen_by"] == "given"
     assert "--test-only: testing" in (run / "log.txt").read_text()
@@ -433,18 +437,3 @@ def test_fold_evaluation_of_photos_pasted_into_a_held_out_family(aligned_run, lm
     r = cli(evaluate, aligned_run, "--paste", "0.5")
     assert r.returncode == 2 and "--align given or predicted" in r.stderr
 
-
-def test_the_test_pictures_do_not_depend_on_the_training_seed(lm_run, toy_lm, tmp_path):
-    """Two trainings with other seeds are tested on the same pictures: mosaics, held-out families and pictures
-    without a face are drawn the same way whatever --seed the network was trained with."""
-    import shutil
-    figures = []
-    for seed in ("0", "1"):
-        run = tmp_path / f"seed{seed}"
-        shutil.copytree(lm_run, run)
-        r = cli(landmarks, "--data-root", toy_lm, "--out", run, "--img-size", "32", "--val-images", "8",
-                "--workers", "1", "--test-only", "--found-threshold", "0.5", "--seed", seed)
-        assert r.returncode == 0, r.stderr
-        m = json.loads((run / "metrics.json").read_text())
-        figures.append({k: m[k] for k in ("pasted_0.5", "pasted_0.25", "background_alone", "held_out")})
-    assert figures[0] == figures[1]
