@@ -29,6 +29,8 @@ FOUND = 0.5                # a face is found where P(no face) is below this at t
                            # until landmarks.py chooses the network's own threshold on validation pictures
 PLACE_BATCH = 64           # photos a look takes at once when a run's landmarks are placed
 TILE = 0.6                 # the first look's four corner squares, as a share of the picture's longer side
+CANDIDATES = 2             # views of the first look refined further, the surest of a face first: a second
+                           # one mends a first look taken by writing or clutter (results/landmarks)
 
 
 # ---------------------------------------------------------------------------
@@ -77,9 +79,9 @@ class FaceFinder:
     flip: each look averaged with the look at its mirror image (a frontal face's landmarks are the plain
     look's: CFP marks the picture's left half)."""
 
-    def __init__(self, net, looks=3, device="cpu", flip=True, threshold=FOUND, tiles=True):
+    def __init__(self, net, looks=3, device="cpu", flip=True, threshold=FOUND, tiles=True, candidates=CANDIDATES):
         self.net, self.looks, self.device, self.flip, self.tiles = net.eval(), looks, device, flip, tiles
-        self.size, self.threshold = net.img_size, threshold
+        self.size, self.threshold, self.candidates = net.img_size, threshold, candidates
 
     @classmethod
     def load(cls, path, device="cpu"):
@@ -138,31 +140,38 @@ class FaceFinder:
 
     def first_look(self, pictures):
         """The whole picture, and with tiles the four squares of TILE times its longer side at its corners (each
-        face up to 0.2 of the side lies whole in one, seen twice as large): the view most sure of a face."""
-        matrices = [letterbox(*im.size, self.size) for im in pictures]
-        probs, points = self.look(pictures, matrices)
-        if not self.tiles:
-            return matrices, probs, points
-        squares = [tile_squares(*im.size) for im in pictures]
-        tiled = [square_matrix(x0, y0, side, self.size) for sq in squares for x0, y0, side in sq]
-        t_probs, t_points = self.look([im for im in pictures for _ in range(4)], tiled)
-        for i in range(len(pictures)):
-            k = 4 * i + int(np.argmin(t_probs[4 * i:4 * i + 4, 0]))
-            if t_probs[k, 0] < probs[i, 0]:
-                matrices[i], probs[i], points[i] = tiled[k], t_probs[k], t_points[k]
-        return matrices, probs, points
+        face up to 0.2 of the side lies whole in one, seen twice as large). -> the `candidates` views of each
+        picture most sure of a face, surest first: (their picture's index, matrices, probabilities, points)."""
+        matrices = [[letterbox(*im.size, self.size)] for im in pictures]
+        probs, points = self.look(pictures, [m[0] for m in matrices])
+        probs, points = [[p] for p in probs], [[q] for q in points]
+        if self.tiles:
+            for m, im in zip(matrices, pictures):
+                m += [square_matrix(x0, y0, side, self.size) for x0, y0, side in tile_squares(*im.size)]
+            t_probs, t_points = self.look([im for im in pictures for _ in range(4)], [t for m in matrices
+                                                                                     for t in m[1:]])
+            for i in range(len(pictures)):
+                probs[i] += list(t_probs[4 * i:4 * i + 4])
+                points[i] += t_points[4 * i:4 * i + 4]
+        keep = [(i, int(k)) for i, p in enumerate(probs)
+                for k in np.argsort([q[0] for q in p], kind="stable")[:self.candidates]]
+        return (np.array([i for i, _ in keep]), [matrices[i][k] for i, k in keep],
+                np.array([probs[i][k] for i, k in keep]), [points[i][k] for i, k in keep])
 
     def _find(self, pictures):
-        matrices, probs, points = self.first_look(pictures)
+        """Each candidate view refined by the looks that follow; a picture's face is its candidate whose doubt
+        (the larger P(no face) of its first look and its last) is least."""
+        rows, matrices, probs, points = self.first_look(pictures)
         doubt = probs[:, 0]
         for _ in range(self.looks - 1):
             poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
             matrices = [self.refined(m, q, pose) for m, q, pose in zip(matrices, points, poses)]
-            probs, points = self.look(pictures, matrices)
+            probs, points = self.look([pictures[i] for i in rows], matrices)
         doubt = np.maximum(doubt, probs[:, 0])  # the close look confirms it: half the false faces go
-        poses = [POSES[1 + int(p[1:].argmax())] for p in probs]
-        return [(q, pose != "frontal", pose, bool(d < self.threshold), float(d))
-                for q, pose, d in zip(points, poses, doubt)]
+        best = [min(np.flatnonzero(rows == i), key=lambda c: doubt[c]) for i in range(len(pictures))]
+        poses = [POSES[1 + int(probs[c][1:].argmax())] for c in best]
+        return [(points[c], pose != "frontal", pose, bool(doubt[c] < self.threshold), float(doubt[c]))
+                for c, pose in zip(best, poses)]
 
 
 # ---------------------------------------------------------------------------

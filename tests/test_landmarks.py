@@ -305,6 +305,27 @@ def test_a_face_is_found_only_where_the_last_look_confirms_the_first():
     assert faces.FaceFinder(Doubtful(), looks=1, flip=False).find([im])[0] is not None  # one look: both
 
 
+def test_a_second_candidate_of_the_first_look_mends_a_first_look_taken_by_a_decoy():
+    class Decoy(DotNet):  # sure of a red mark from afar and not close up; fairly sure of the white dot, the face
+        def forward(self, x):
+            red, white = (x[:, 0] - x[:, 1]).flatten(1), x[:, 1].flatten(1)
+            has_red, has_white = red.max(1).values > 2, white.max(1).values > 0
+            doubt = torch.where(has_red & has_white, 0.02, torch.where(has_white, 0.05, 0.99))
+            g = torch.where(has_red, red.argmax(1), white.argmax(1))
+            size = x.shape[-1]
+            dot = torch.stack([(g % size).float() + 0.5, (g // size).float() + 0.5], 1) / size
+            ring = 0.1 * torch.stack([torch.cos(torch.arange(30) * 0.21), torch.sin(torch.arange(30) * 0.21)], 1)
+            probs = torch.stack([doubt, 1 - doubt - 2e-4, torch.full_like(doubt, 1e-4), torch.full_like(doubt, 1e-4)], 1)
+            return probs.log(), dot[:, None] + ring
+    im = Image.new("RGB", (64, 64))
+    ImageDraw.Draw(im).rectangle([6, 6, 9, 9], fill=(255, 0, 0))        # in the top-left corner square only
+    ImageDraw.Draw(im).rectangle([54, 54, 57, 57], fill=(255, 255, 255))  # in the bottom-right one only
+    one = faces.FaceFinder(Decoy(), flip=False, candidates=1).find_all([im], doubt=True)[0]
+    two = faces.FaceFinder(Decoy(), flip=False, candidates=2).find_all([im], doubt=True)[0]
+    assert not one[3] and np.allclose(one[0].mean(0), 8, atol=3)    # the decoy, refuted close up: no face
+    assert two[3] and np.allclose(two[0].mean(0), 56, atol=3)       # the second candidate: the face
+
+
 # every data layout x where the landmarks come from: (training data, extra flags); "toy_lm" has landmark files
 LAYOUTS = {
     "cfp, none": ("toy", ["--align", "none"]),
