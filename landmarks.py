@@ -178,10 +178,8 @@ def backdrop_views(d, n, size, empty, gen):
 
 def mine_false_faces(d, net, families, size, rng, n=MINE):
     """The network's false faces on n new pictures without a face: each such picture as the first look sees
-    it (letterboxed) and as the last look does (the square around the face found), kept among d.hard.
-    Training looks with one candidate, as the networks of results/landmarks were trained: the second is a
-    choice made at test time (faces.CANDIDATES)."""
-    finder = FaceFinder(net, candidates=1)
+    it (letterboxed) and as the last look does (the square around the face found), kept among d.hard."""
+    finder = FaceFinder(net)
     pictures = [backdrop(families[k % len(families)], *map(int, rng.integers(size, 8 * size, 2)), rng, d.pieces)
                 for k in range(n)]
     views = []
@@ -365,7 +363,7 @@ def train_network(args, cfp, sets, dtype, log):
     history, best, t = [], math.inf, time.time()
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
-        val, _, _ = score_photos(FaceFinder(net, candidates=1), cfp, val_idx)
+        val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
         nme_val = mean_found(val.pop("nme"))
         false_faces = mine_false_faces(d, net, args.train_families, args.img_size, rng) if args.hard_negatives else 0
         d.draw_backgrounds(args.train_families, args.img_size, rng)
