@@ -315,8 +315,8 @@ def test_a_second_candidate_of_the_first_look_mends_a_first_look_taken_by_a_deco
             size = x.shape[-1]
             dot = torch.stack([(g % size).float() + 0.5, (g // size).float() + 0.5], 1) / size
             ring = 0.1 * torch.stack([torch.cos(torch.arange(30) * 0.21), torch.sin(torch.arange(30) * 0.21)], 1)
-            probs = torch.stack([doubt, 1 - doubt - 2e-4, torch.full_like(doubt, 1e-4), torch.full_like(doubt, 1e-4)], 1)
-            return probs.log(), dot[:, None] + ring
+            tiny = torch.full_like(doubt, 1e-4)
+            return torch.stack([doubt, 1 - doubt - 2e-4, tiny, tiny], 1).log(), dot[:, None] + ring
     im = Image.new("RGB", (64, 64))
     ImageDraw.Draw(im).rectangle([6, 6, 9, 9], fill=(255, 0, 0))        # in the top-left corner square only
     ImageDraw.Draw(im).rectangle([54, 54, 57, 57], fill=(255, 255, 255))  # in the bottom-right one only
@@ -432,7 +432,7 @@ def test_test_only_tests_a_network_again_at_a_given_threshold(lm_run, toy_lm, tm
     assert r.returncode == 0, r.stderr
     # the test pictures do not depend on the training seed: another --seed meets the same ones
     figures = [{k: m[k] for k in ("pasted_0.5", "pasted_0.25", "background_alone", "held_out")}
-               for m in (json.loads((r / "metrics.json").read_text()) for r in (lm_run, run))]
+               for m in (json.loads((folder / "metrics.json").read_text()) for folder in (lm_run, run))]
     assert figures[0] == figures[1]
     ckpt = torch.load(run / "best.pt", weights_only=True)
     assert ckpt["found_threshold"] == 0.5 and ckpt["threshold_choice"]["chosen_by"] == "given"
@@ -457,4 +457,3 @@ def test_fold_evaluation_of_photos_pasted_into_a_held_out_family(aligned_run, lm
     assert got["source"] == "predicted" and got["paste"] == 0.25 and got["paste_on"] == "cfp"
     r = cli(evaluate, aligned_run, "--paste", "0.5")
     assert r.returncode == 2 and "--align given or predicted" in r.stderr
-
