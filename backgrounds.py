@@ -8,6 +8,7 @@ so that its test says how it does on pictures unlike its training ones.
     shapes    a scene of rectangles, ellipses, polygons and lines, filled and outlined, on a plain ground
     text      lines of random letters and digits in several sizes and colours, on a plain or blended ground
     texture   periodic patterns: stripes, checkerboards, plaids, dots and bricks at random scales and angles
+    cells     a mosaic of plain-coloured cells around random centres (Voronoi), their borders dark
 """
 import math
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 import align
 from images import open_image
 
-FAMILIES = ("cfp", "gradient", "noise", "shapes", "text", "texture")
+FAMILIES = ("cfp", "gradient", "noise", "shapes", "text", "texture", "cells")
 TRAIN_FAMILIES = ("cfp", "gradient", "noise", "shapes")   # what landmarks.py trains on by default
 HELD_OUT_FAMILIES = ("text", "texture")                   # what it is tested on, besides the training kinds
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-"
@@ -128,6 +129,18 @@ def texture(w, h, rng):
     return to_image((1 - t) * np.array(colour(rng)) + t * np.array(colour(rng)))
 
 
+def cells(w, h, rng):
+    x, y = grid(w, h)
+    n = int(rng.integers(4, 60))
+    centres = rng.uniform(0, 1, (n, 2)) * [w, h] / max(w, h)
+    d = np.stack([np.hypot(x - cx, y - cy) for cx, cy in centres])       # (n, h, w)
+    near = np.partition(d, 1, 0)[:2] if n > 1 else np.concatenate([d, d + 1])
+    colours = np.array([colour(rng) for _ in range(n)], np.float32)
+    a = colours[d.argmin(0)]
+    border = (near[1] - near[0]) < rng.uniform(0.002, 0.02)               # where two cells meet
+    return to_image(np.where(border[..., None], a * 0.2, a))
+
+
 def mosaic_picture(w, h, pieces, rng, tiles=4):
     """The cfp family: `tiles` x `tiles` pieces (PIL images) resized into tiles."""
     picture = Image.new("RGB", (w, h))
@@ -138,7 +151,7 @@ def mosaic_picture(w, h, pieces, rng, tiles=4):
     return picture
 
 
-DRAW = {"gradient": gradient, "noise": noise, "shapes": shapes, "text": text, "texture": texture}
+DRAW = {"gradient": gradient, "noise": noise, "shapes": shapes, "text": text, "texture": texture, "cells": cells}
 
 
 def picture(family, w, h, rng, pieces=None):
