@@ -237,9 +237,6 @@ def get_args_parser():
                    choices=backgrounds.FAMILIES, metavar="FAMILY",
                    help="background families the training views are drawn on (default: "
                         f"{' '.join(backgrounds.TRAIN_FAMILIES)})")
-    p.add_argument("--threshold-families", nargs="*", default=[], choices=backgrounds.FAMILIES, metavar="FAMILY",
-                   help="background families kept out of training and test, whose pictures join the training "
-                        "families' in choosing the found threshold (default: none)")
     p.add_argument("--hard-negatives", action=argparse.BooleanOptionalAction, default=True,
                    help="after each epoch, keep the network's false faces on new background pictures as views "
                         "without a face (default: on)")
@@ -265,15 +262,10 @@ def check_args(args):
             raise UserError(f"{flag} must be a finite number in {span}, got {value}")
     if not (math.isfinite(args.refine_jitter) and 0 <= args.refine_jitter <= 0.3):
         raise UserError(f"--refine-jitter must be in [0, 0.3], got {args.refine_jitter}")
-    for flag, families in (("--held-out", args.held_out), ("--threshold-families", args.threshold_families)):
-        shared = sorted(set(args.train_families) & set(families))
-        if shared:
-            raise UserError(f"{flag} {' '.join(families)} and --train-families {' '.join(args.train_families)} "
-                            f"share {' '.join(shared)}: a held-out family is one the network never trained on")
-    if set(args.held_out) & set(args.threshold_families):
-        raise UserError(f"--threshold-families and --held-out share "
-                        f"{' '.join(sorted(set(args.held_out) & set(args.threshold_families)))}: the test's families "
-                        f"must not choose the threshold it is tested at")
+    if set(args.train_families) & set(args.held_out):
+        raise UserError(f"--held-out {' '.join(args.held_out)} and --train-families {' '.join(args.train_families)} "
+                        f"share {' '.join(sorted(set(args.train_families) & set(args.held_out)))}: a held-out family "
+                        f"is one the network never trained on")
     if args.found_threshold is not None and not 0 < args.found_threshold <= 1:
         raise UserError(f"--found-threshold must be in (0, 1], got {args.found_threshold}")
     if args.test_only and not os.path.isfile(os.path.join(args.out, "best.pt")):
@@ -346,7 +338,7 @@ def main(args):
     write_json(os.path.join(args.out, "config.json"), {
         "task": "landmarks", "command": " ".join(["python"] + sys.argv), "args": vars(args), **git_state(args.out),
         **machine_state(), "folds": roles,
-        "families": families_of(args),
+        "families": {"train": args.train_families, "held_out": args.held_out},
         "precision": "bfloat16" if dtype else "float32"})
     history, seconds = train_network(args, cfp, sets, dtype, log)
     choose_threshold(args, cfp, sets["val"], log)
@@ -388,15 +380,9 @@ def train_network(args, cfp, sets, dtype, log):
     return history, time.time() - t
 
 
-def families_of(args):
-    """The background families of a run, for config.json and metrics.json."""
-    threshold = {"threshold": args.threshold_families} if args.threshold_families else {}
-    return {"train": args.train_families, "held_out": args.held_out, **threshold}
-
-
 def threshold_pictures(cfp, indices, families, seed):
-    """Validation pictures for the found threshold: each photo pasted at 1/2 or 1/4 into a picture of one of
-    the families in turn, and as many pictures of those families alone. -> (pictures, true face box or None)"""
+    """Validation pictures for the found threshold: each photo pasted at 1/2 or 1/4 into a picture of a
+    training family, and as many pictures of those families alone. -> (pictures, true face box or None)"""
     rng = np.random.default_rng(seed + 1)
     photos = [open_image(cfp.paths[i]) for i in indices]
     pieces = backgrounds_of(cfp, indices, rng) if "cfp" in families else None
@@ -412,17 +398,15 @@ def threshold_pictures(cfp, indices, families, seed):
 
 
 def choose_threshold(args, cfp, val, log):
-    """The found threshold with the best F1 on validation pictures (as many with a face as without) of the
-    training families and --threshold-families, or --found-threshold; kept in best.pt, the curve in pr.csv
-    and pr.png."""
+    """The found threshold with the best F1 on validation pictures (as many with a face as without), or
+    --found-threshold; kept in best.pt, the curve in pr.csv and pr.png."""
     from plots import plot_precision_recall
     path = os.path.join(args.out, "best.pt")
     ckpt = load_checkpoint(path, kind="landmarks")
     net = LandmarkNet(args.img_size, maxpool=args.maxpool)
     load_weights(net, ckpt["model"], path)
     some = np.sort(np.random.default_rng(args.seed).permutation(val)[:args.val_images])
-    families = args.train_families + args.threshold_families
-    pictures, boxes = threshold_pictures(cfp, some, families, args.seed)
+    pictures, boxes = threshold_pictures(cfp, some, args.train_families, args.seed)
     found = FaceFinder(net).find_all(pictures, doubt=True)
     doubt = np.array([f[4] for f in found])
     face = np.array([b is not None for b in boxes])
@@ -433,7 +417,7 @@ def choose_threshold(args, cfp, val, log):
     threshold = args.found_threshold if args.found_threshold is not None else float(curve[best, 0])
     k = min(int(np.searchsorted(curve[:, 0], threshold)), len(curve) - 1)
     chosen = {"found_threshold": threshold, "precision": float(curve[k, 1]), "recall": float(curve[k, 2]),
-              "false_faces": float(curve[k, 3]), "pictures": len(pictures), "families": families,
+              "false_faces": float(curve[k, 3]), "pictures": len(pictures), "families": args.train_families,
               "chosen_by": "given" if args.found_threshold is not None else "best F1 on validation pictures"}
     atomic_save({**ckpt, "found_threshold": threshold, "threshold_choice": chosen}, path)
     atomic_write(os.path.join(args.out, "pr.csv"), "threshold,precision,recall,false_faces\n"
@@ -455,7 +439,7 @@ def test_and_report(args, cfp, sets, history, train_seconds, log):
     held_out = test_held_out(finder, cfp, sets["test"], args)
     best = min(history, key=lambda h: h["val_nme"])
     metrics = {"test": test, **pasted, "held_out": held_out, "found_threshold": finder.threshold,
-               "families": families_of(args),
+               "families": {"train": args.train_families, "held_out": args.held_out},
                "best_epoch": best["epoch"], "val_nme": best["val_nme"],
                "train_minutes": train_seconds / 60, "test_minutes": (time.time() - t) / 60,
                "test_folds": split_folds(args.protocol, args.test_fold)["test"]}

@@ -366,24 +366,16 @@ def test_no_held_out_family_is_drawn_in_training(toy_lm, tmp_path, monkeypatch):
     args = landmarks.get_args_parser().parse_args(
         ["--data-root", toy_lm, "--out", str(out), "--img-size", "32", "--epochs", "1", "--batch-size", "16",
          "--val-images", "8", "--workers", "1", "--train-families", "cfp", "gradient", "texture",
-         "--held-out", "text", "shapes", "noise", "--threshold-families", "cells"])
-    monkeypatch.setattr(landmarks, "choose_threshold", lambda *a, real=landmarks.choose_threshold:
-                        drawn.append("<threshold>") or real(*a))
+         "--held-out", "text", "shapes", "noise"])
     landmarks.main(args)
-    training, threshold = drawn[:drawn.index("<threshold>")], drawn[drawn.index("<threshold>"):]
+    training = drawn[:drawn.index("<test>")]
     assert set(training) == {"gradient", "texture"}  # the cfp family is a mosaic of CFP pieces, never drawn
-    assert {"gradient", "texture", "cells"} <= set(threshold) and not {"text", "shapes", "noise"} & set(threshold)
     config = json.loads((out / "config.json").read_text())
-    assert config["families"] == {"train": ["cfp", "gradient", "texture"], "held_out": ["text", "shapes", "noise"],
-                                  "threshold": ["cells"]}
+    assert config["families"] == {"train": ["cfp", "gradient", "texture"], "held_out": ["text", "shapes", "noise"]}
     ckpt = torch.load(out / "best.pt", weights_only=True)
     assert 0 < ckpt["found_threshold"] <= 1 and (out / "pr.csv").exists() and (out / "pr.png").exists()
-    assert ckpt["threshold_choice"]["families"] == ["cfp", "gradient", "texture", "cells"]
-    for flags, shared in ((("--train-families", "cfp", "text"), "share text"),
-                          (("--threshold-families", "cells", "--train-families", "cfp", "cells"), "share cells"),
-                          (("--threshold-families", "text"), "share text")):
-        r = cli(landmarks, "--data-root", toy_lm, "--out", tmp_path / "x", *flags)
-        assert r.returncode == 2 and shared in r.stderr and not (tmp_path / "x").exists(), flags
+    r = cli(landmarks, "--data-root", toy_lm, "--out", tmp_path / "x", "--train-families", "cfp", "text")
+    assert r.returncode == 2 and "share text" in r.stderr and not (tmp_path / "x").exists()
 
 
 def test_the_test_reports_held_out_families_with_frontal_and_profile_apart(lm_run):
