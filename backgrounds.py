@@ -21,8 +21,9 @@ import align
 from images import open_image
 
 FAMILIES = ("cfp", "gradient", "noise", "shapes", "text", "texture", "cells")
-TRAIN_FAMILIES = ("cfp", "gradient", "noise", "shapes")   # what landmarks.py trains on by default
+TRAIN_FAMILIES = ("cfp", "gradient", "noise", "shapes", "cells")   # what landmarks.py trains on by default
 HELD_OUT_FAMILIES = ("text", "texture")                   # what it is tested on, besides the training kinds
+CLUTTER_FAMILIES = ("gradient", "noise", "shapes")        # what train.py's --clutter shows around faces
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 .,:-"
 
 
@@ -170,9 +171,9 @@ def pictures(families, n, size, rng):
 
 
 def clutter_pool(size, seed, n=512):
-    """The drawn training families as train.py's --clutter shows them around faces, beside its mosaic of
-    faces (images.clutter): n square pictures, uint8 (n, 3, size, size), and how many families they hold."""
-    families = [f for f in TRAIN_FAMILIES if f != "cfp"]
+    """The CLUTTER_FAMILIES as train.py's --clutter shows them around faces, beside its mosaic of faces
+    (images.clutter): n square pictures, uint8 (n, 3, size, size), and how many families they hold."""
+    families = list(CLUTTER_FAMILIES)
     drawn = pictures(families, n, size, np.random.default_rng(seed))
     return SimpleNamespace(pictures=torch.from_numpy(np.ascontiguousarray(drawn)), families=len(families))
 

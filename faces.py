@@ -29,8 +29,8 @@ FOUND = 0.5                # a face is found where P(no face) is below this at t
                            # until landmarks.py chooses the network's own threshold on validation pictures
 PLACE_BATCH = 64           # photos a look takes at once when a run's landmarks are placed
 TILE = 0.6                 # the first look's four corner squares, as a share of the picture's longer side
-CANDIDATES = 1             # views of the first look refined further, the surest of a face first; a second
-                           # finds more faces among letters and more false faces too (results/landmarks)
+CANDIDATES = 2             # views of the first look refined further, the surest of a face first: a second finds
+                           # the faces a square of letters took the first look from (results/landmarks)
 
 
 # ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Train the landmark network (models.LandmarkNet) that faces.py finds faces with, from CFP alone.
 
 From the training identities' photos, each pasted at a random place, scale and angle on a background of the
-training families (backgrounds.py: pieces of other photos, gradients, noise, scenes of shapes), or a background
+training families (backgrounds.py: pieces of other photos, gradients, noise, scenes of shapes, cells), or a background
 alone ("no face", half of those among its own false faces once it makes some), it learns the face's pose
 (frontal, profile facing left or right) and CFP's 30 landmarks. The threshold for a face found is chosen on a
 precision/recall curve of validation pictures. It is tested on the test identities' photos as they are, pasted
@@ -216,8 +216,8 @@ def get_args_parser():
                    help="the refining looks' training views: the face's centre up to this share of the view off its "
                         "centre, its size up to 1.5 times as much off 1/margin, in [0, 0.3] (default: "
                         f"{REFINE_JITTER}; 0.08, with the size 0.15 off, before the flag)")
-    p.add_argument("--epochs", type=int, default=18,
-                   help="epochs over the training photos (default: 18, 11-13 minutes on a 2-core CPU with --amp)")
+    p.add_argument("--epochs", type=int, default=21,
+                   help="epochs over the training photos (default: 21, TIME minutes on a 2-core CPU with --amp)")
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
