@@ -38,7 +38,7 @@ cost() {  # the training minutes of the runs in results/ (epochs only, not the f
         10fold-recipe30) echo "57 min a fold on an AVX-512-BF16 CPU, 27 on an AMX one (two threads, alone): results/cfp-10fold/*_30e_fold*" ;;
         10fold-r18) echo "about 10 min a fold (one thread): results/cfp-10fold/r18_arcface_64px_fold*" ;;
         scratch-r18) echo "10 min (one thread): results/cfp-seed/r18_arcface_64px_squash_dropout06" ;;
-        landmarks) echo "9 min (two threads, alone): results/landmarks/jitter02_timed" ;;
+        landmarks) echo "17 min of training and 5 of testing (two threads, alone): results/landmarks/k2cells_default" ;;
         predicted) echo "7 min of epochs after 94 s of placing landmarks (two threads, alone): results/cfp-seed/*_j02" ;;
         *) echo "an estimate, not measured here: a day or more on 2 CPU cores (224 px, ImageNet trunks); for a GPU" ;;
     esac
@@ -264,9 +264,9 @@ run recipe30 python train.py --out runs/aligned/r18_arcface_96px_template_s8_nom
 tenfold 10fold-recipe30 python train.py --out runs/10fold/r18_arcface_96px_template_s8_nomaxpool_30e_fold{K} --protocol 10fold --test-fold {k} --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 96 --no-maxpool --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 30 --amp
 
 # ---- Photos without landmark files (README: "Your own photos") ----
-# The landmark network, learned from the seed split's training identities on four background families
-# (results/landmarks/families: on the held-out text and texture pictures, found at 1/2 0.984 / 0.988, at 1/4
-# 0.928 / 0.944, false faces 3.2% / 0%).
+# The landmark network, learned from the seed split's training identities on five background families
+# (results/landmarks/k2cells_default: on the held-out text and texture pictures, found at 1/2 0.980 / 0.986,
+# at 1/4 0.934 / 0.956, false faces 3.4% / 0.6%).
 # A landmarks.py run has no --resume: an interrupted one starts again.
 # landmarks: the landmark network (pose and CFP's 30 landmarks, a heatmap each), ResNet18 from random init
 run landmarks python landmarks.py --out runs/landmarks/default --amp

@@ -217,7 +217,7 @@ def get_args_parser():
                         "centre, its size up to 1.5 times as much off 1/margin, in [0, 0.3] (default: "
                         f"{REFINE_JITTER}; 0.08, with the size 0.15 off, before the flag)")
     p.add_argument("--epochs", type=int, default=21,
-                   help="epochs over the training photos (default: 21, TIME minutes on a 2-core CPU with --amp)")
+                   help="epochs over the training photos (default: 21, 17 minutes on a 2-core CPU with --amp)")
     p.add_argument("--batch-size", type=int, default=32, help="views per step (default: 32)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate, cosine decay (default: 2e-3)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
