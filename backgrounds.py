@@ -135,7 +135,7 @@ def cells(w, h, rng):
     n = int(rng.integers(4, 60))
     centres = rng.uniform(0, 1, (n, 2)) * [w, h] / max(w, h)
     d = np.stack([np.hypot(x - cx, y - cy) for cx, cy in centres])       # (n, h, w)
-    near = np.partition(d, 1, 0)[:2] if n > 1 else np.concatenate([d, d + 1])
+    near = np.partition(d, 1, 0)[:2]                                     # the nearest two centres
     colours = np.array([colour(rng) for _ in range(n)], np.float32)
     a = colours[d.argmin(0)]
     border = (near[1] - near[0]) < rng.uniform(0.002, 0.02)               # where two cells meet

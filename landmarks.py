@@ -1,8 +1,8 @@
 """Train the landmark network (models.LandmarkNet) that faces.py finds faces with, from CFP alone.
 
 From the training identities' photos, each pasted at a random place, scale and angle on a background of the
-training families (backgrounds.py: pieces of other photos, gradients, noise, scenes of shapes, cells), or a background
-alone ("no face", half of those among its own false faces once it makes some), it learns the face's pose
+training families (backgrounds.py: pieces of other photos, gradients, noise, scenes of shapes, cells), or a
+background alone ("no face", half of those among its own false faces once it makes some), it learns the face's pose
 (frontal, profile facing left or right) and CFP's 30 landmarks. The threshold for a face found is chosen on a
 precision/recall curve of validation pictures. It is tested on the test identities' photos as they are, pasted
 into larger pictures and on backgrounds alone, of the training families and of held-out ones (text, textures).
