@@ -282,4 +282,4 @@ if [ ${#IDS[@]} -eq 0 ] && [ $DRY_RUN = 0 ]; then
     PLAN=1 experiments
     PLAN=0
 fi
-experiments
+experiments; exit  # ends here: bash reads a script as it runs, and the file may be edited meanwhile

@@ -247,3 +247,30 @@ def test_list_gives_every_id_its_cost():
     assert {i for _, i in ids} >= {i for i, _ in all_rows()}
     assert all(lines[n + 1].strip().startswith("cost: ") for n, _ in ids)
     assert "estimate" in lines[ids[0][0] + 1] and "results/" in next(lines[n + 1] for n, i in ids if i == "aligned")
+
+
+def test_an_edit_to_the_script_while_it_runs_runs_nothing_again(toy, tmp_path):
+    """bash reads a script as it runs it: the sweep's last line ends it, so that lines written into the file
+    meanwhile (a user editing experiments.sh during a long sweep) are never read at a shifted offset."""
+    copy_project(tmp_path)
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"  # train.py: the file gains a line at its top, as an editor saves it in place
+    fake.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = train.py ]; then
+    echo run >> {calls}
+    if [ ! -e {calls}.edited ]; then
+        touch {calls}.edited
+        {{ printf '# %0300d\\n' 0; cat {tmp_path}/experiments.sh; }} > {tmp_path}/edited.sh
+        cat {tmp_path}/edited.sh > {tmp_path}/experiments.sh
+    fi
+    exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "CFP_ROOT": toy}
+    r = subprocess.run(["bash", str(tmp_path / "experiments.sh"), "01"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert calls.read_text().split() == ["run"], r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.returncode == 0 and "command not found" not in r.stderr, r.stderr[-2000:]
