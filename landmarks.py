@@ -223,8 +223,9 @@ def get_args_parser():
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="train in bf16 autocast on CPUs with AVX-512-BF16 or AMX (fp32 elsewhere, with a "
-                        "warning); the network is kept and evaluated in fp32 (default: off)")
+                   help="train, validate and mine in bf16 autocast on CPUs with AVX-512-BF16 or AMX (fp32 "
+                        "elsewhere, with a warning); the network is kept, and its threshold chosen and tested, in "
+                        "fp32 (default: off)")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default: 2)")
     p.add_argument("--val-images", type=int, default=400, help="validation photos looked at per epoch (default: 400)")
     p.add_argument("--held-out", nargs="+", default=list(backgrounds.HELD_OUT_FAMILIES),
@@ -363,15 +364,16 @@ def train_network(args, cfp, sets, dtype, log):
     history, best, t = [], math.inf, time.time()
     for epoch in range(1, args.epochs + 1):
         loss = train_one_epoch(net, d, opt, sched, epoch, args, gen, log)
-        val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
+        with amp_autocast(torch.device("cpu"), args.amp):  # the steps' precision, as train.py validates
+            val, _, _ = score_photos(FaceFinder(net), cfp, val_idx)
+            mined = mine_false_faces(d, net, args.train_families, args.img_size, rng) if args.hard_negatives else 0
         nme_val = mean_found(val.pop("nme"))
-        false_faces = mine_false_faces(d, net, args.train_families, args.img_size, rng) if args.hard_negatives else 0
         d.draw_backgrounds(args.train_families, args.img_size, rng)
         history.append({"epoch": epoch, "train_loss": loss, "val_nme": nme_val, "val_pose_acc": val["pose_acc"],
-                        "val_found": val["found"], "false_face_views": false_faces, "minutes": (time.time() - t) / 60})
+                        "val_found": val["found"], "false_face_views": mined, "minutes": (time.time() - t) / 60})
         log(f"epoch {epoch} done: loss {loss:.4f}, validation NME {nme_val:.4f} (frontal {val['nme_frontal']:.4f}, "
             f"profile {val['nme_profile']:.4f}), pose accuracy {val['pose_acc']:.4f}, found {val['found']:.4f}; "
-            f"{false_faces} false-face views mined from {MINE if args.hard_negatives else 0} pictures")
+            f"{mined} false-face views mined from {MINE if args.hard_negatives else 0} pictures")
         if nme_val < best:
             best = nme_val
             atomic_save({"model": net.state_dict(), "args": vars(args), "epoch": epoch, "poses": POSES,
