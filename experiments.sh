@@ -38,8 +38,8 @@ cost() {  # the training minutes of the runs in results/ (epochs only, not the f
         10fold-recipe30) echo "57 min a fold on an AVX-512-BF16 CPU, 27 on an AMX one (two threads, alone): results/cfp-10fold/*_30e_fold*" ;;
         10fold-r18) echo "about 10 min a fold (one thread): results/cfp-10fold/r18_arcface_64px_fold*" ;;
         scratch-r18) echo "10 min (one thread): results/cfp-seed/r18_arcface_64px_squash_dropout06" ;;
-        landmarks) echo "17 min of training and 5 of testing (two threads, alone): results/landmarks/k2cells_default" ;;
-        predicted) echo "6 min of epochs after 4 min of placing landmarks (two threads, alone): results/cfp-seed/*_k2cells" ;;
+        landmarks) echo "12.5 min of training and 6 of testing (two threads, alone): results/landmarks/bf16val_default" ;;
+        predicted) echo "6.4 min of epochs after 4.5 min of placing landmarks (two threads, alone): results/cfp-seed/*_bf16val" ;;
         *) echo "an estimate, not measured here: a day or more on 2 CPU cores (224 px, ImageNet trunks); for a GPU" ;;
     esac
 }
@@ -265,14 +265,14 @@ tenfold 10fold-recipe30 python train.py --out runs/10fold/r18_arcface_96px_templ
 
 # ---- Photos without landmark files (README: "Your own photos") ----
 # The landmark network, learned from the seed split's training identities on five background families
-# (results/landmarks/k2cells_default: on the held-out text and texture pictures, found at 1/2 0.980 / 0.986,
-# at 1/4 0.934 / 0.956, false faces 3.4% / 0.6%).
+# (results/landmarks/bf16val_default: on the held-out text and texture pictures, found at 1/2 0.980 / 0.988,
+# at 1/4 0.972 / 0.980, false faces 4.8% / 0.0%).
 # A landmarks.py run has no --resume: an interrupted one starts again.
 # landmarks: the landmark network (pose and CFP's 30 landmarks, a heatmap each), ResNet18 from random init
 run landmarks python landmarks.py --out runs/landmarks/default --amp
 # The clutter recipe trained on that network's landmarks, for photos that come without them
-# (results/cfp-seed/*_clutter05_predicted_k2cells: FF / FP 0.858 / 0.794 on crops, pasted at 1/2 0.854 /
-# 0.795 on mosaics, 0.859 / 0.794 on held-out text, 0.854 / 0.805 on held-out textures)
+# (results/cfp-seed/*_clutter05_predicted_bf16val: FF / FP 0.863 / 0.790 on crops, pasted at 1/2 0.854 /
+# 0.777 on mosaics, 0.871 / 0.785 on held-out text, 0.869 / 0.786 on held-out textures)
 # predicted: the clutter recipe, its training faces aligned by the landmark network's landmarks
 run predicted python train.py --out runs/aligned/r18_arcface_64px_template_s8_clutter05_predicted --arch 2 --loss arcface --backbone resnet18 --no-pretrained --augment --img-size 64 --align template --scale 8 --dropout 0.6 --batch-size 64 --optimizer adam --lr 1e-3 --epochs 20 --amp --seed 1 --clutter 0.5 --landmark-net runs/landmarks/default --predict-landmarks
 }
