@@ -142,19 +142,14 @@ class FaceFinder:
         """The whole picture, and with tiles the four squares of TILE times its longer side at its corners (each
         face up to 0.2 of the side lies whole in one, seen twice as large). -> the `candidates` views of each
         picture most sure of a face, surest first: (their picture's index, matrices, probabilities, points)."""
-        matrices = [[letterbox(*im.size, self.size)] for im in pictures]
-        probs, points = self.look(pictures, [m[0] for m in matrices])
-        probs, points = [[p] for p in probs], [[q] for q in points]
-        if self.tiles:
-            for m, im in zip(matrices, pictures):
-                m += [square_matrix(x0, y0, side, self.size) for x0, y0, side in tile_squares(*im.size)]
-            t_probs, t_points = self.look([im for im in pictures for _ in range(4)], [t for m in matrices
-                                                                                     for t in m[1:]])
-            for i in range(len(pictures)):
-                probs[i] += list(t_probs[4 * i:4 * i + 4])
-                points[i] += t_points[4 * i:4 * i + 4]
-        keep = [(i, int(k)) for i, p in enumerate(probs)
-                for k in np.argsort([q[0] for q in p], kind="stable")[:self.candidates]]
+        matrices = [[letterbox(*im.size, self.size)] + [square_matrix(x0, y0, side, self.size) for x0, y0, side
+                                                         in (tile_squares(*im.size) if self.tiles else [])]
+                    for im in pictures]
+        views = len(matrices[0])  # one network call for all: the weights are read once (a look's fixed cost)
+        probs, points = self.look([im for im in pictures for _ in range(views)], [m for ms in matrices for m in ms])
+        probs, points = probs.reshape(len(pictures), views, -1), [points[i:i + views] for i in
+                                                                  range(0, len(points), views)]
+        keep = [(i, int(k)) for i, p in enumerate(probs) for k in np.argsort(p[:, 0], kind="stable")[:self.candidates]]
         return (np.array([i for i, _ in keep]), [matrices[i][k] for i, k in keep],
                 np.array([probs[i][k] for i, k in keep]), [points[i][k] for i, k in keep])
 
