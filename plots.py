@@ -130,23 +130,26 @@ def worst_errors(scores, labels, kinds, thresholds, per_group=8):
 
 
 def plot_errors(bank, pairs, kinds, scores, thresholds, path, per_group=8, title=""):
-    """The test pairs the model got most confidently wrong, as the network saw them (after resizing)."""
+    """The test pairs the model got most confidently wrong, as the network saw them (after resizing): one strip
+    of pairs per kind of error, each pair's score above it."""
     plt = _pyplot()
     groups = worst_errors(scores, pairs[:, 2], kinds, thresholds, per_group)
-    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.9 * per_group, 1.45 * len(groups)), squeeze=False)
-    for row, ((kind, what), (rows, total)) in enumerate(groups.items()):
-        for col in range(per_group):
-            ax = axes[row, col]
-            ax.axis("off")
-            if col < len(rows):
-                i = rows[col]
-                ax.imshow(_pair_image(*bank[[pairs[i, 0], pairs[i, 1]]]))
-                ax.set_title(f"{scores[i]:.3f}", fontsize=8, color="C3")
-        axes[row, 0].text(-0.08, 0.5, f"{kind} {what}\n{total} in all\n"
-                                      f"threshold {thresholds.get(kind, thresholds['all']):.3f}",
-                          transform=axes[row, 0].transAxes, ha="right", va="center", fontsize=8)
+    fig, axes = plt.subplots(len(groups), 1, figsize=(1.9 * per_group, 1.45 * len(groups)), squeeze=False)
+    h, w, _ = _pair_image(bank[0], bank[0]).shape
+    slot = w + w // 8  # each pair's place in a strip, with a gap
+    for ax, ((kind, what), (rows, total)) in zip(axes[:, 0], groups.items()):
+        strip = np.full((h, slot * per_group, 3), 255, np.uint8)
+        for col, i in enumerate(rows):
+            strip[:, col * slot:col * slot + w] = _pair_image(*bank[[pairs[i, 0], pairs[i, 1]]])
+            ax.text((col * slot + w / 2) / strip.shape[1], 1.02, f"{scores[i]:.3f}", transform=ax.transAxes,
+                    ha="center", va="bottom", fontsize=8, color="C3")
+        ax.imshow(strip)
+        ax.axis("off")
+        threshold = thresholds.get(kind, thresholds["all"])
+        ax.text(-0.01, 0.5, f"{kind} {what}\n{total} in all\nthreshold {threshold:.3f}", transform=ax.transAxes,
+                ha="right", va="center", fontsize=8)
     fig.suptitle(title or "most confident test errors (score above each pair)", fontsize=9)
-    fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.01, wspace=0.08, hspace=0.35)
+    fig.subplots_adjust(left=0.1, right=0.99, top=0.9, bottom=0.01, hspace=0.35)
     _save(fig, path)
 
 
