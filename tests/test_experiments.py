@@ -85,10 +85,11 @@ def test_every_line_builds_what_it_asks_for(toy):
         if key in built:
             continue
         args.pretrained = False
-        model = models.build_model(args)
         folds = data.split_folds(args.protocol, args.test_fold)
         num_classes = len(cfp.identities_of(folds["train"]))
-        criterion = losses.build_loss(args.loss, num_classes, models.EMBED_DIM, args.margin, args.scale)
+        with torch.device("meta"):  # shapes and types without the cost of drawing initial weights
+            model = models.build_model(args)
+            criterion = losses.build_loss(args.loss, num_classes, models.EMBED_DIM, args.margin, args.scale)
         optimizer = train.build_optimizer(args, [model, criterion])
         built[key] = line
         # the named torchvision network: same parameter count as torchvision's, less its classifier

@@ -330,7 +330,7 @@ def test_training_set_holds_no_validation_or_test_identity(toy, tmp_path, monkey
     cfp = data.load_cfp(toy)
     for extra in (["--loss", "arcface"], ["--protocol", "10fold", "--test-fold", "5"], ["--pairs-from", "protocol"]):
         seen.clear()
-        m = train.main(smoke_args(toy, tmp_path / "_".join(extra), *extra, "--epochs", "2"))
+        m = train.main(smoke_args(toy, tmp_path / "_".join(extra), *extra, "--epochs", "1"))
         ids = set(cfp.identity[sorted(seen["images"])])
         held_out = set(cfp.identities_of(m["folds"]["val"] + m["folds"]["test"]))
         assert len(ids) >= 8 and not ids & held_out, extra
