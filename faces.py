@@ -142,14 +142,15 @@ class FaceFinder:
         """The whole picture, and with tiles the four squares of TILE times its longer side at its corners (each
         face up to 0.2 of the side lies whole in one, seen twice as large). -> the `candidates` views of each
         picture most sure of a face, surest first: (their picture's index, matrices, probabilities, points)."""
-        matrices = [[letterbox(*im.size, self.size)] + [square_matrix(x0, y0, side, self.size) for x0, y0, side
-                                                         in (tile_squares(*im.size) if self.tiles else [])]
+        matrices = [[letterbox(*im.size, self.size)] +
+                    [square_matrix(*square, self.size) for square in (tile_squares(*im.size) if self.tiles else [])]
                     for im in pictures]
-        views = len(matrices[0])  # one network call for all: the weights are read once (a look's fixed cost)
+        views = len(matrices[0])  # in one network call: each call pays a fixed cost (every weight read and laid out)
         probs, points = self.look([im for im in pictures for _ in range(views)], [m for ms in matrices for m in ms])
-        probs, points = probs.reshape(len(pictures), views, -1), [points[i:i + views] for i in
-                                                                  range(0, len(points), views)]
-        keep = [(i, int(k)) for i, p in enumerate(probs) for k in np.argsort(p[:, 0], kind="stable")[:self.candidates]]
+        probs = probs.reshape(len(pictures), views, -1)
+        points = [points[i * views:(i + 1) * views] for i in range(len(pictures))]
+        keep = [(i, int(k)) for i, p in enumerate(probs)
+                for k in np.argsort(p[:, 0], kind="stable")[:self.candidates]]
         return (np.array([i for i, _ in keep]), [matrices[i][k] for i, k in keep],
                 np.array([probs[i][k] for i, k in keep]), [points[i][k] for i, k in keep])
 

@@ -326,21 +326,19 @@ def test_a_second_candidate_of_the_first_look_mends_a_first_look_taken_by_a_deco
     assert two[3] and np.allclose(two[0].mean(0), 56, atol=3)       # the second candidate: the face
 
 
-
 def test_each_look_is_one_network_call_for_all_its_views():
     """One photo at a time, each network call pays a fixed cost (every weight read and laid out again): the first
     look's whole picture and four corner squares, each with its mirror image, go through in one call."""
-    class Counting(DotNet):
-        batches = []
+    batches = []
 
+    class Counting(DotNet):
         def forward(self, x):
-            self.batches.append(len(x))
+            batches.append(len(x))
             return super().forward(x)
     im = Image.new("RGB", (64, 48))
     im.putpixel((20, 30), (255, 255, 255))
-    net = Counting()
-    faces.FaceFinder(net).find([im])
-    assert net.batches == [10, 4, 4]   # 5 views mirrored; then 2 candidates mirrored, at each of 2 closer looks
+    faces.FaceFinder(Counting()).find([im])
+    assert batches == [10, 4, 4]   # 5 views mirrored; then 2 candidates mirrored, at each of 2 closer looks
 
 
 def test_a_look_without_gradients_gives_the_numbers_of_one_with_them():
